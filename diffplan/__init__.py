@@ -1,0 +1,2 @@
+"""diffplan: decision-making and planning with diffusion models."""
+__version__ = "0.1.0"

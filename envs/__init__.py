@@ -1,0 +1,1 @@
+"""Task cards, expert and behavior controllers, dataset recipes (installed as diffplan.envs)."""
