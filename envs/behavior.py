@@ -1,0 +1,431 @@
+"""Behavior actors for locomotion datasets, and the script that trains them.
+
+Run time (what the library needs): :class:`TanhGaussianActor`, a tiny torch module that
+reproduces the actor of stable-baselines3's SAC (``latent_pi`` MLP with ReLU, ``mu`` and
+``log_std`` heads, tanh squashing, scaled to the action space). It loads from a folder holding
+``actor.safetensors`` (weights) and ``actor.yaml`` (shapes, action bounds, env id, training step,
+evaluated return). Nothing is pickled and stable-baselines3 is not needed to load or run it.
+
+Training (optional extra ``diffplan[behavior]``)::
+
+    python -m diffplan.envs.behavior train --env Hopper-v5 --steps 200000 \
+        --out checkpoints/behavior/hopper --snapshot-every 10000
+
+trains SB3 SAC with the rl-zoo defaults for the MuJoCo tasks, and at every snapshot evaluates
+the deterministic actor and writes ``<out>/step-<N>/actor.{safetensors,yaml}`` atomically, plus a
+row of ``<out>/progress.csv``. A resumable SB3 state (its own ``model.zip`` + replay buffer
+``.pkl``: SB3's internal format, never shipped and never loaded by users) goes to
+``runs/behavior/<env>/`` (git-ignored); ``--resume`` continues from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+# SB3's clamp on the SAC actor's log std (stable_baselines3.sac.policies).
+LOG_STD_MIN = -20.0
+LOG_STD_MAX = 2.0
+
+# D4RL reference returns (REFERENCES.md), keyed by the lower-case family name.
+D4RL_REF = {
+    "hopper": (-20.272305, 3234.3),
+    "halfcheetah": (-280.178953, 12135.0),
+    "walker2d": (1.629008, 4592.3),
+}
+
+WEIGHTS_FILE = "actor.safetensors"
+META_FILE = "actor.yaml"
+
+
+def env_family(env_id: str) -> str:
+    """``"Hopper-v5" -> "hopper"``."""
+    return env_id.split("-")[0].lower()
+
+
+def d4rl_normalized(env_id: str, ret: float) -> float | None:
+    ref = D4RL_REF.get(env_family(env_id))
+    if ref is None:
+        return None
+    lo, hi = ref
+    return float(100.0 * (ret - lo) / (hi - lo))
+
+
+# --------------------------------------------------------------------------------------------
+# Run-time actor
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ActorMeta:
+    obs_dim: int
+    act_dim: int
+    hidden_sizes: list[int]
+    action_low: list[float]
+    action_high: list[float]
+    env_id: str
+    train_step: int = 0
+    eval_return_mean: float | None = None
+    eval_return_std: float | None = None
+    eval_episodes: int | None = None
+    d4rl_score: float | None = None
+    d4rl_ref_min: float | None = None
+    d4rl_ref_max: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActorMeta":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+class TanhGaussianActor(nn.Module):
+    """SB3 SAC's actor: ``a = low + (tanh(mu + std * eps) + 1) / 2 * (high - low)``.
+
+    ``deterministic=True`` uses ``eps = 0``, which is what ``SAC.predict(obs, deterministic=True)``
+    returns. Observations go in unnormalized, exactly as the Gymnasium env gives them.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden_sizes=(256, 256),
+                 action_low=None, action_high=None, meta: ActorMeta | None = None):
+        super().__init__()
+        layers: list[nn.Module] = []
+        last = obs_dim
+        for h in hidden_sizes:
+            layers += [nn.Linear(last, h), nn.ReLU()]
+            last = h
+        self.latent_pi = nn.Sequential(*layers)
+        self.mu = nn.Linear(last, act_dim)
+        self.log_std = nn.Linear(last, act_dim)
+        low = np.full(act_dim, -1.0) if action_low is None else np.asarray(action_low, np.float64)
+        high = np.full(act_dim, 1.0) if action_high is None else np.asarray(action_high, np.float64)
+        self.register_buffer("action_low", torch.as_tensor(low, dtype=torch.float32))
+        self.register_buffer("action_high", torch.as_tensor(high, dtype=torch.float32))
+        self.obs_dim, self.act_dim = obs_dim, act_dim
+        self.meta = meta
+
+    # -- torch API ---------------------------------------------------------------------------
+    def dist_params(self, obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.latent_pi(obs)
+        return self.mu(h), torch.clamp(self.log_std(h), LOG_STD_MIN, LOG_STD_MAX)
+
+    def forward(self, obs: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Actions in the env's bounds; ``noise`` is standard normal (None = deterministic)."""
+        mu, log_std = self.dist_params(obs)
+        pre = mu if noise is None else mu + log_std.exp() * noise
+        squashed = torch.tanh(pre)
+        return self.action_low + 0.5 * (squashed + 1.0) * (self.action_high - self.action_low)
+
+    # -- numpy API ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def act(self, obs, deterministic: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Batched or single observation(s) -> float32 action(s) inside the action space.
+
+        Stochastic actions draw their noise from ``rng`` (numpy), so a seeded generator gives
+        the same actions on every run.
+        """
+        x = np.asarray(obs, dtype=np.float32)
+        single = x.ndim == 1
+        if single:
+            x = x[None]
+        noise = None
+        if not deterministic:
+            if rng is None:
+                rng = np.random.default_rng()
+            noise = torch.from_numpy(rng.standard_normal((x.shape[0], self.act_dim)).astype(np.float32))
+        a = self.forward(torch.from_numpy(x), noise).numpy()
+        return a[0] if single else a
+
+    # -- I/O ---------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "TanhGaussianActor":
+        """Load from a folder with ``actor.safetensors`` + ``actor.yaml``."""
+        path = Path(path)
+        with open(path / META_FILE) as f:
+            meta = ActorMeta.from_dict(yaml.safe_load(f))
+        actor = cls(meta.obs_dim, meta.act_dim, meta.hidden_sizes, meta.action_low,
+                    meta.action_high, meta=meta)
+        state = load_file(str(path / WEIGHTS_FILE))
+        actor.load_state_dict(state)
+        actor.eval()
+        return actor
+
+    def save(self, path: str | os.PathLike, meta: ActorMeta | None = None) -> Path:
+        """Write ``actor.safetensors`` + ``actor.yaml`` into ``path`` atomically (tmp + rename)."""
+        meta = meta or self.meta
+        if meta is None:
+            raise ValueError("an ActorMeta is needed to save an actor")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE))
+        with open(tmp / META_FILE, "w") as f:
+            yaml.safe_dump(meta.to_dict(), f, sort_keys=False)
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+            os.rename(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, path)
+        return path
+
+
+# Names used elsewhere in the docs.
+GaussianActor = TanhGaussianActor
+TanhActor = TanhGaussianActor
+
+
+def load_actor(path: str | os.PathLike) -> TanhGaussianActor:
+    return TanhGaussianActor.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# SB3 export
+# --------------------------------------------------------------------------------------------
+
+
+def actor_from_sb3(model, env_id: str | None = None, **meta_kw) -> TanhGaussianActor:
+    """Copy an SB3 SAC model's actor into a :class:`TanhGaussianActor` (no SB3 objects kept)."""
+    sb3_actor = model.policy.actor
+    if getattr(sb3_actor, "use_sde", False):
+        raise ValueError("gSDE actors are not supported")
+    space = model.action_space
+    obs_dim = int(np.prod(model.observation_space.shape))
+    act_dim = int(np.prod(space.shape))
+    hidden = [m.out_features for m in sb3_actor.latent_pi if isinstance(m, nn.Linear)]
+    acts = [type(m) for m in sb3_actor.latent_pi if not isinstance(m, nn.Linear)]
+    if any(a is not nn.ReLU for a in acts):
+        raise ValueError(f"only ReLU actors are supported, got {acts}")
+    meta = ActorMeta(obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=hidden,
+                     action_low=[float(x) for x in space.low], action_high=[float(x) for x in space.high],
+                     env_id=env_id or "", **meta_kw)
+    actor = TanhGaussianActor(obs_dim, act_dim, hidden, space.low, space.high, meta=meta)
+    src = sb3_actor.state_dict()
+    dst = {}
+    for k in actor.state_dict():
+        if k in ("action_low", "action_high"):
+            dst[k] = actor.state_dict()[k]
+        else:
+            dst[k] = src[k].detach().cpu().float().clone()
+    actor.load_state_dict(dst)
+    actor.eval()
+    return actor
+
+
+def export_sb3_actor(model, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Export an SB3 SAC actor to ``path/actor.safetensors`` + ``path/actor.yaml``.
+
+    ``meta`` may hold ``env_id``, ``train_step``, ``eval_return_mean`` ... (see :class:`ActorMeta`);
+    unknown keys go to ``extra``.
+    """
+    meta = dict(meta or {})
+    env_id = meta.pop("env_id", None)
+    known = {k: meta.pop(k) for k in list(meta) if k in ActorMeta.__dataclass_fields__}
+    extra = known.pop("extra", {})
+    extra.update(meta)
+    actor = actor_from_sb3(model, env_id=env_id, extra=extra, **known)
+    return actor.save(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_actor(actor: TanhGaussianActor, env_id: str, episodes: int = 5, seed: int = 10_000,
+                   deterministic: bool = True, max_steps: int = 1000) -> tuple[float, float, list[float]]:
+    """Mean/std return over ``episodes`` episodes of at most ``max_steps`` steps."""
+    import gymnasium as gym
+
+    env = gym.make(env_id, max_episode_steps=max_steps)
+    rng = np.random.default_rng(seed)
+    returns = []
+    try:
+        for ep in range(episodes):
+            obs, _ = env.reset(seed=seed + ep)
+            total, done = 0.0, False
+            while not done:
+                a = actor.act(obs, deterministic=deterministic, rng=rng)
+                obs, r, term, trunc, _ = env.step(a)
+                total += float(r)
+                done = term or trunc
+            returns.append(total)
+    finally:
+        env.close()
+    return float(np.mean(returns)), float(np.std(returns)), returns
+
+
+# --------------------------------------------------------------------------------------------
+# Training (needs stable-baselines3)
+# --------------------------------------------------------------------------------------------
+
+# rl-zoo (hyperparams/sac.yml) for Hopper/HalfCheetah/Walker2d: MlpPolicy, learning_starts 10000,
+# everything else SB3's SAC defaults, spelled out here so a change in SB3 defaults shows up.
+SAC_HPARAMS = dict(
+    learning_rate=3e-4,
+    buffer_size=1_000_000,
+    learning_starts=10_000,
+    batch_size=256,
+    tau=0.005,
+    gamma=0.99,
+    train_freq=1,
+    gradient_steps=1,
+    ent_coef="auto",
+    policy_kwargs=dict(net_arch=[256, 256]),
+)
+
+PROGRESS_FIELDS = ["step", "eval_return_mean", "eval_return_std", "d4rl_score", "eval_episodes",
+                   "wall_s", "steps_per_s", "snapshot"]
+
+
+def _log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int = 10_000,
+          seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
+          resume: bool = False, threads: int = 1, state_every: int = 50_000,
+          learning_starts: int | None = None) -> None:
+    """Train SB3 SAC on ``env_id`` for ``steps`` env steps in total, snapshotting the actor."""
+    try:
+        import gymnasium as gym
+        from stable_baselines3 import SAC
+        from stable_baselines3.common.callbacks import BaseCallback
+    except ImportError as e:  # pragma: no cover
+        raise SystemExit("training needs stable-baselines3: pip install 'diffplan[behavior]'") from e
+
+    torch.set_num_threads(threads)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state_dir = Path(state_dir or Path("runs/behavior") / env_family(env_id))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    model_zip, buffer_pkl = state_dir / "model.zip", state_dir / "replay_buffer.pkl"
+
+    env = gym.make(env_id)
+    if resume and model_zip.exists():
+        model = SAC.load(model_zip, env=env, device="cpu")
+        if buffer_pkl.exists():
+            model.load_replay_buffer(buffer_pkl)
+        _log(f"resumed {env_id} at step {model.num_timesteps} from {state_dir}")
+    else:
+        hp = dict(SAC_HPARAMS)
+        if learning_starts is not None:
+            hp["learning_starts"] = learning_starts
+        model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **hp)
+    start_step = int(model.num_timesteps)
+    progress = out / "progress.csv"
+    if not progress.exists():
+        with open(progress, "w", newline="") as f:
+            csv.writer(f).writerow(PROGRESS_FIELDS)
+
+    def save_state():
+        tmp_zip = state_dir / "model.tmp.zip"
+        model.save(tmp_zip)
+        os.replace(tmp_zip, model_zip)
+        tmp_buf = state_dir / "replay_buffer.tmp.pkl"
+        model.save_replay_buffer(tmp_buf)
+        os.replace(tmp_buf, buffer_pkl)
+
+    t0 = time.time()
+
+    class Snapshot(BaseCallback):
+        def __init__(self):
+            super().__init__()
+            self.last_t, self.last_step = time.time(), start_step
+
+        def _on_step(self) -> bool:
+            n = self.model.num_timesteps
+            if n % snapshot_every and n != start_step + steps:
+                return True
+            now = time.time()
+            sps = (n - self.last_step) / max(now - self.last_t, 1e-9)
+            actor = actor_from_sb3(self.model, env_id=env_id)
+            mean, std, _ = evaluate_actor(actor, env_id, episodes=eval_episodes)
+            score = d4rl_normalized(env_id, mean)
+            ref = D4RL_REF.get(env_family(env_id), (None, None))
+            actor.meta.train_step = int(n)
+            actor.meta.eval_return_mean = mean
+            actor.meta.eval_return_std = std
+            actor.meta.eval_episodes = eval_episodes
+            actor.meta.d4rl_score = score
+            actor.meta.d4rl_ref_min, actor.meta.d4rl_ref_max = ref
+            actor.meta.extra = {"algo": "sb3-sac", "seed": seed, "eval_deterministic": True,
+                                "eval_seed": 10_000, "eval_max_steps": 1000}
+            snap = out / f"step-{n}"
+            actor.save(snap)
+            wall = time.time() - t0
+            with open(progress, "a", newline="") as f:
+                csv.writer(f).writerow([n, f"{mean:.2f}", f"{std:.2f}",
+                                        "" if score is None else f"{score:.2f}", eval_episodes,
+                                        f"{wall:.1f}", f"{sps:.1f}", snap.name])
+            _log(f"{env_id} step {n}: return {mean:.1f} +- {std:.1f} "
+                 f"(d4rl {score if score is None else round(score, 1)}), {sps:.1f} steps/s, "
+                 f"wall {wall / 60:.1f} min")
+            if n % state_every == 0 or n == start_step + steps:
+                save_state()
+                _log(f"saved resumable SB3 state to {state_dir}")
+            self.last_t, self.last_step = time.time(), n
+            return True
+
+    _log(f"training SAC on {env_id} for {steps} steps (from {start_step}), threads={threads}")
+    model.learn(total_timesteps=steps, callback=Snapshot(), reset_num_timesteps=not resume,
+                progress_bar=False)
+    env.close()
+    _log(f"done {env_id}: {model.num_timesteps} steps in {(time.time() - t0) / 60:.1f} min")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m diffplan.envs.behavior")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train SB3 SAC and snapshot the actor")
+    t.add_argument("--env", required=True)
+    t.add_argument("--steps", type=int, required=True)
+    t.add_argument("--out", required=True)
+    t.add_argument("--snapshot-every", type=int, default=10_000)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--eval-episodes", type=int, default=5)
+    t.add_argument("--state-dir", default=None, help="resumable SB3 state (default runs/behavior/<env>)")
+    t.add_argument("--state-every", type=int, default=50_000)
+    t.add_argument("--resume", action="store_true")
+    t.add_argument("--threads", type=int, default=1)
+    t.add_argument("--learning-starts", type=int, default=None, help="override (smoke tests)")
+    e = sub.add_parser("eval", help="evaluate a shipped actor folder")
+    e.add_argument("path")
+    e.add_argument("--episodes", type=int, default=5)
+    e.add_argument("--stochastic", action="store_true")
+    a = p.parse_args(argv)
+    if a.cmd == "train":
+        train(a.env, a.steps, a.out, a.snapshot_every, a.seed, a.eval_episodes, a.state_dir,
+              a.resume, a.threads, a.state_every, a.learning_starts)
+    else:
+        actor = load_actor(a.path)
+        mean, std, rets = evaluate_actor(actor, actor.meta.env_id, a.episodes,
+                                         deterministic=not a.stochastic)
+        print(f"{actor.meta.env_id}: return {mean:.1f} +- {std:.1f}, "
+              f"d4rl {d4rl_normalized(actor.meta.env_id, mean)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
