@@ -1,0 +1,89 @@
+"""The tiny behavior actor reproduces SB3 SAC's actor from exported safetensors + YAML."""
+
+import numpy as np
+import pytest
+import torch
+
+from diffplan.envs.behavior import (ActorMeta, TanhGaussianActor, d4rl_normalized,
+                                    evaluate_actor, export_sb3_actor, load_actor)
+
+
+def _sb3_sac(steps=100):
+    sb3 = pytest.importorskip("stable_baselines3", reason="stable-baselines3 is not installed "
+                              "(optional extra diffplan[behavior]); the export test needs it")
+    import gymnasium as gym
+
+    torch.set_num_threads(1)
+    env = gym.make("Hopper-v5")
+    model = sb3.SAC("MlpPolicy", env, learning_starts=50, batch_size=32, seed=0, device="cpu",
+                    buffer_size=1000, verbose=0)
+    model.learn(steps)
+    return model, env
+
+
+def test_export_matches_sb3_predict(tmp_path):
+    model, env = _sb3_sac()
+    path = export_sb3_actor(model, tmp_path / "actor", {"env_id": "Hopper-v5", "train_step": 100,
+                                                        "note": "test"})
+    assert (path / "actor.safetensors").exists() and (path / "actor.yaml").exists()
+    actor = load_actor(path)
+    assert actor.meta.env_id == "Hopper-v5" and actor.meta.train_step == 100
+    assert actor.meta.extra["note"] == "test"
+
+    rng = np.random.default_rng(0)
+    obs = np.stack([env.reset(seed=i)[0] for i in range(8)]).astype(np.float32)
+    obs = obs + rng.normal(0, 0.5, obs.shape).astype(np.float32)
+    ref, _ = model.predict(obs, deterministic=True)
+    ours = actor.act(obs, deterministic=True)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+    # single observation
+    np.testing.assert_allclose(actor.act(obs[0]), ref[0], atol=1e-5)
+
+    # the stochastic head: same mean and clamped log std as SB3's actor
+    with torch.no_grad():
+        mu_ref, log_std_ref, _ = model.policy.actor.get_action_dist_params(torch.from_numpy(obs))
+        mu, log_std = actor.dist_params(torch.from_numpy(obs))
+    torch.testing.assert_close(mu, mu_ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(log_std, log_std_ref, atol=1e-6, rtol=0)
+
+
+def test_stochastic_actions_seeded_and_in_bounds():
+    torch.manual_seed(0)
+    meta = ActorMeta(obs_dim=5, act_dim=2, hidden_sizes=[16, 16], action_low=[-2.0, 0.0],
+                     action_high=[2.0, 1.0], env_id="none")
+    actor = TanhGaussianActor(5, 2, [16, 16], meta.action_low, meta.action_high, meta=meta)
+    obs = np.random.default_rng(1).normal(size=(64, 5))
+    a1 = actor.act(obs, deterministic=False, rng=np.random.default_rng(3))
+    a2 = actor.act(obs, deterministic=False, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a1, a2)
+    assert not np.allclose(a1, actor.act(obs, deterministic=True))
+    assert (a1[:, 0] >= -2).all() and (a1[:, 0] <= 2).all()
+    assert (a1[:, 1] >= 0).all() and (a1[:, 1] <= 1).all()
+
+
+def test_save_load_roundtrip(tmp_path):
+    meta = ActorMeta(obs_dim=4, act_dim=3, hidden_sizes=[8], action_low=[-1.0] * 3,
+                     action_high=[1.0] * 3, env_id="x", train_step=7)
+    actor = TanhGaussianActor(4, 3, [8], meta.action_low, meta.action_high, meta=meta)
+    actor.save(tmp_path / "a")
+    actor.save(tmp_path / "a")  # overwrite is atomic and allowed
+    back = load_actor(tmp_path / "a")
+    obs = np.ones((3, 4), np.float32)
+    np.testing.assert_array_equal(back.act(obs), actor.act(obs))
+    assert back.meta.train_step == 7
+    assert sorted(p.name for p in (tmp_path).iterdir()) == ["a"]  # no tmp leftovers
+
+
+def test_d4rl_normalized():
+    assert d4rl_normalized("Hopper-v5", -20.272305) == pytest.approx(0.0)
+    assert d4rl_normalized("Walker2d-v5", 4592.3) == pytest.approx(100.0)
+    assert d4rl_normalized("Ant-v5", 1.0) is None
+
+
+def test_evaluate_actor_runs():
+    meta = ActorMeta(obs_dim=11, act_dim=3, hidden_sizes=[8], action_low=[-1.0] * 3,
+                     action_high=[1.0] * 3, env_id="Hopper-v5")
+    actor = TanhGaussianActor(11, 3, [8], meta.action_low, meta.action_high, meta=meta)
+    mean, std, rets = evaluate_actor(actor, "Hopper-v5", episodes=2, max_steps=50)
+    assert len(rets) == 2 and np.isfinite(mean)
