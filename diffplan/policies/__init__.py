@@ -1,0 +1,6 @@
+"""Policies: every one implements reset / act / save and loads through ``load_policy``."""
+from diffplan.policies.base import POLICIES, ObservationError, PolicyBase, SpaceSpec, load_policy, register_policy
+from diffplan.policies.diffuser import DiffuserConfig, DiffuserPlanner
+
+__all__ = ["POLICIES", "DiffuserConfig", "DiffuserPlanner", "ObservationError", "PolicyBase", "SpaceSpec",
+           "load_policy", "register_policy"]

@@ -1,0 +1,164 @@
+"""Roll a policy out on a task's evaluation protocol and score it.
+
+``evaluate`` runs episodes in rounds of ``num_envs`` parallel envs (a ``gymnasium.vector`` env),
+seeded ``seed, seed+1, ...`` per episode, so two policies evaluated with the same seed face the
+same starts. Scores are D4RL-normalized against the task card's measured references.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import gymnasium as gym
+import numpy as np
+
+
+@dataclass
+class EvalReport:
+    task: str
+    policy: str
+    episodes: int
+    seed: int
+    returns: list[float]
+    lengths: list[int]
+    successes: list[bool] | None
+    normalized_mean: float
+    normalized_stderr: float
+    return_mean: float
+    return_stderr: float
+    success_rate: float | None
+    latency_p50_ms: float  # one act() call for the whole batch of envs
+    latency_p99_ms: float
+    decisions_per_s: float  # env decisions per second of act() time (batch size / latency)
+    num_envs: int
+    ref_min_score: float | None = None
+    ref_max_score: float | None = None
+    wall_s: float = 0.0
+    extra: dict = field(default_factory=dict)
+    # per-episode traces for plots (not written to JSON): executed xy paths and planned paths
+    paths: list = field(default_factory=list, repr=False)
+    plans: list = field(default_factory=list, repr=False)
+
+    def summary(self) -> str:
+        s = (f"{self.task} | {self.policy} | {self.episodes} episodes: normalized score "
+             f"{self.normalized_mean:.1f} ± {self.normalized_stderr:.1f} (return {self.return_mean:.1f})")
+        if self.success_rate is not None:
+            s += f", success {100 * self.success_rate:.0f}%"
+        s += f" | act p50 {self.latency_p50_ms:.2f} ms, p99 {self.latency_p99_ms:.2f} ms, {self.decisions_per_s:.0f} decisions/s"
+        return s
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("paths"), d.pop("plans")
+        return d
+
+    def save(self, out_dir, video: bool = False) -> Path:
+        """Write report.json and a PNG (the maze with planned and executed paths, or returns)."""
+        from diffplan.eval.plots import plot_report
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        plot_report(self, out / "report.png")
+        if video and self.paths:
+            from diffplan.eval.plots import animate_episode
+
+            animate_episode(self, out / "episode.gif")
+        return out
+
+
+def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 0,
+             record: int = 6, budget_ms: float | None = None, progress: bool = False) -> EvalReport:
+    """Run ``episodes`` episodes of ``policy`` on ``task`` (a name or TaskCard); see module doc.
+
+    ``record``: how many episodes keep their executed and planned paths for plots.
+    """
+    from diffplan.envs import get_task
+
+    card = get_task(task) if isinstance(task, str) else task
+    trained_for = getattr(getattr(policy, "spec", None), "task", None)
+    if trained_for is not None and trained_for != card.name:
+        raise ValueError(f"policy was trained for task {trained_for!r} but evaluation asked for {card.name!r}")
+    num_envs = max(1, min(num_envs, episodes))
+    envs = gym.vector.SyncVectorEnv([lambda: card.make_env() for _ in range(num_envs)],
+                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    returns, lengths, successes, paths, plans, lat, sizes = [], [], [], [], [], [], []
+    t_start = time.perf_counter()
+    done_eps = 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=episodes, desc=f"eval {card.name}", disable=not progress, unit="ep")
+        while done_eps < episodes:
+            n = min(num_envs, episodes - done_eps)
+            obs, _ = envs.reset(seed=[seed + done_eps + i for i in range(num_envs)])
+            policy.reset()
+            ret = np.zeros(num_envs)
+            length = np.zeros(num_envs, dtype=np.int64)
+            success = np.zeros(num_envs, dtype=bool)
+            alive = np.ones(num_envs, dtype=bool)
+            alive[n:] = False  # spare envs of the last round run along but are not counted
+            keep = [i for i in range(n) if done_eps + i < record]
+            trace = {i: [] for i in keep}
+            plan_trace = {i: [] for i in keep}
+            while alive[:n].any():
+                t0 = time.perf_counter()
+                action = policy.act(obs, budget_ms=budget_ms) if budget_ms else policy.act(obs)
+                lat.append((time.perf_counter() - t0) * 1e3)
+                sizes.append(num_envs)
+                if keep:
+                    _record(policy, obs, keep, trace, plan_trace)
+                obs, reward, terminated, truncated, info = envs.step(action)
+                ret += np.where(alive, reward, 0.0)
+                length += alive
+                if "success" in info:
+                    success |= alive & np.asarray(info["success"], dtype=bool)
+                alive &= ~(np.asarray(terminated) | np.asarray(truncated))
+            returns += ret[:n].tolist()
+            lengths += length[:n].tolist()
+            successes += success[:n].tolist()
+            for i in keep:
+                paths.append(np.asarray(trace[i]))
+                plans.append(plan_trace[i])
+            done_eps += n
+            bar.update(n)
+        bar.close()
+    finally:
+        envs.close()
+    wall = time.perf_counter() - t_start
+    r = np.asarray(returns, dtype=np.float64)
+    lo, hi = card.ref_min_score, card.ref_max_score
+    norm = 100.0 * (r - lo) / (hi - lo) if lo is not None and hi is not None else r
+    sem = lambda a: float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+    lat_a = np.asarray(lat)
+    has_success = getattr(card, "is_goal_env", False)
+    return EvalReport(
+        task=card.name, policy=getattr(policy, "kind", type(policy).__name__), episodes=len(r), seed=seed,
+        returns=r.tolist(), lengths=lengths, successes=successes if has_success else None,
+        normalized_mean=float(norm.mean()), normalized_stderr=sem(norm),
+        return_mean=float(r.mean()), return_stderr=sem(r),
+        success_rate=float(np.mean(successes)) if has_success else None,
+        latency_p50_ms=float(np.percentile(lat_a, 50)), latency_p99_ms=float(np.percentile(lat_a, 99)),
+        decisions_per_s=float(np.sum(sizes) / (lat_a.sum() / 1e3)), num_envs=num_envs,
+        ref_min_score=lo, ref_max_score=hi, wall_s=wall, paths=paths, plans=plans)
+
+
+def _record(policy, obs, keep, trace, plan_trace) -> None:
+    """Keep the executed xy positions and each new plan's states for the recorded envs."""
+    o = obs["observation"] if isinstance(obs, dict) else obs
+    for i in keep:
+        trace[i].append(np.asarray(o[i], dtype=np.float32).copy())
+    planner = getattr(policy, "planner", None)
+    if planner is None or planner.last_steps == 0 or not hasattr(policy, "plan_states"):
+        return
+    import torch
+
+    with torch.inference_mode():
+        states = policy.plan_states(planner._plans).float().cpu().numpy()
+    idx = planner._index
+    for i in keep:
+        if idx[i] == 1:  # this env replanned in the call that just returned
+            plan_trace[i].append((len(trace[i]) - 1, states[i]))

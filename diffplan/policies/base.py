@@ -1,0 +1,222 @@
+"""What every diffplan policy shares: spaces, observation checks, ``act`` through the runtime,
+checkpoints, and ``load_policy``.
+
+A policy is an ``nn.Module`` that owns its networks and normalizers. For training it exposes
+``loss(batch)`` and ``batches(dataset)`` to the generic :class:`~diffplan.train.Trainer`; for
+control it exposes ``plan`` and ``action_at`` to the generic :class:`~diffplan.runtime.Planner`,
+which every ``act`` goes through.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import nn
+
+from diffplan.config import ConfigError, from_dict, to_dict
+from diffplan.runtime.planner import Planner, PlannerConfig
+
+POLICIES: dict[str, type["PolicyBase"]] = {}
+
+
+def register_policy(cls):
+    """Class decorator: make ``cls`` loadable by ``load_policy`` under ``cls.kind``."""
+    POLICIES[cls.kind] = cls
+    return cls
+
+
+class ObservationError(ValueError):
+    """An observation given to ``act`` has the wrong keys, shape or values."""
+
+
+@dataclass
+class SpaceSpec:
+    """The environment a policy was trained for; saved in every checkpoint."""
+
+    obs_dim: int
+    act_dim: int
+    action_low: tuple[float, ...]
+    action_high: tuple[float, ...]
+    goal_dim: int = 0  # > 0 for goal envs, whose observations are dicts
+    task: str | None = None
+    env_id: str | None = None
+
+    @classmethod
+    def from_dataset(cls, dataset) -> "SpaceSpec":
+        """Dims from the arrays; action bounds from the task's (or env id's) action space."""
+        space = None
+        if dataset.task:
+            from diffplan.envs import get_task
+
+            env = get_task(dataset.task).make_env()
+            space = env.action_space
+            env.close()
+        elif dataset.env_id:
+            try:
+                env = gym.make(dataset.env_id, **(dataset.env_kwargs or {}))
+                space = env.action_space
+                env.close()
+            except Exception:  # unknown env here: fall back to the data's range
+                space = None
+        if space is not None:
+            low, high = space.low, space.high
+        else:
+            low, high = dataset.actions.min(0), dataset.actions.max(0)
+        goal_dim = 0 if dataset.goals is None else int(dataset.goals.shape[1])
+        return cls(obs_dim=int(dataset.observations.shape[1]), act_dim=int(dataset.actions.shape[1]),
+                   action_low=tuple(float(v) for v in low), action_high=tuple(float(v) for v in high),
+                   goal_dim=goal_dim, task=dataset.task, env_id=dataset.env_id)
+
+
+class PolicyBase(nn.Module):
+    """Base class of every policy. Subclasses set ``kind`` and ``Config`` and implement
+    ``loss``, ``batches``, ``plan``, ``action_at`` and (for training) ``from_dataset``."""
+
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+    plan_shape: tuple[int, int]
+    default_steps: int = 1
+
+    def __init__(self, config, spec: SpaceSpec):
+        super().__init__()
+        self.config = config
+        self.spec = spec
+        runtime = getattr(config, "runtime", None) or PlannerConfig()
+        self.planner = Planner(self, runtime)
+        self.register_buffer("_action_low", torch.tensor(spec.action_low, dtype=torch.float32), persistent=False)
+        self.register_buffer("_action_high", torch.tensor(spec.action_high, dtype=torch.float32), persistent=False)
+
+    # ------------------------------------------------------------------ spaces
+    @property
+    def action_space(self) -> gym.spaces.Box:
+        return gym.spaces.Box(np.asarray(self.spec.action_low, np.float32),
+                              np.asarray(self.spec.action_high, np.float32), dtype=np.float32)
+
+    @property
+    def observation_space(self) -> gym.Space:
+        box = gym.spaces.Box(-np.inf, np.inf, (self.spec.obs_dim,), np.float32)
+        if not self.spec.goal_dim:
+            return box
+        goal = gym.spaces.Box(-np.inf, np.inf, (self.spec.goal_dim,), np.float32)
+        return gym.spaces.Dict(observation=box, achieved_goal=goal, desired_goal=goal)
+
+    @property
+    def device(self) -> torch.device:
+        return self._action_low.device
+
+    # ------------------------------------------------------------------ acting
+    def reset(self, mask=None) -> None:
+        """Start new episode(s): all envs, or those where ``mask`` (B,) is true."""
+        self.planner.reset(mask)
+
+    @torch.inference_mode()
+    def act(self, obs, budget_ms: float | None = None) -> np.ndarray:
+        """Observation(s) as the Gymnasium env gives them -> action(s) inside ``action_space``.
+
+        One observation gives ``(act_dim,)``; a batch (from a vector env) gives ``(B, act_dim)``.
+        """
+        obs_t, goal_t, batched = self.prepare_obs(obs)
+        action = self.action_to_env(self.planner.act(obs_t, goal_t, budget_ms=budget_ms))
+        out = action.float().cpu().numpy()
+        return out if batched else out[0]
+
+    def prepare_obs(self, obs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Check and convert an env observation to tensors ``(B, obs_dim)``, ``(B, goal_dim)|None``."""
+        spec = self.spec
+        goal = None
+        if spec.goal_dim:
+            if not isinstance(obs, dict) or "observation" not in obs or "desired_goal" not in obs:
+                got = sorted(obs) if isinstance(obs, dict) else type(obs).__name__
+                raise ObservationError(
+                    f"{type(self).__name__} for {spec.task or spec.env_id} expects a dict observation with "
+                    f"keys 'observation' and 'desired_goal', got {got}")
+            goal = self._as_array(obs["desired_goal"], spec.goal_dim, "desired_goal")
+            obs = obs["observation"]
+        elif isinstance(obs, dict):
+            raise ObservationError(f"{type(self).__name__} expects an array observation of shape "
+                                   f"({spec.obs_dim},), got a dict with keys {sorted(obs)}")
+        x = self._as_array(obs, spec.obs_dim, "observation")
+        batched = x.ndim == 2
+        if goal is not None and goal.shape[:-1] != x.shape[:-1]:
+            raise ObservationError(f"observation batch {x.shape} and desired_goal batch {goal.shape} differ")
+        x = torch.as_tensor(np.atleast_2d(x), dtype=torch.float32, device=self.device)
+        if goal is not None:
+            goal = torch.as_tensor(np.atleast_2d(goal), dtype=torch.float32, device=self.device)
+        return x, goal, batched
+
+    @staticmethod
+    def _as_array(value, dim: int, name: str) -> np.ndarray:
+        arr = np.asarray(value, dtype=np.float32)
+        if arr.ndim not in (1, 2) or arr.shape[-1] != dim:
+            raise ObservationError(f"{name} has shape {arr.shape}, expected ({dim},) or (batch, {dim})")
+        if not np.isfinite(arr).all():
+            bad = np.argwhere(~np.isfinite(arr))[0].tolist()
+            raise ObservationError(f"{name} contains NaN or inf (first at index {bad})")
+        return arr
+
+    def action_to_env(self, action: torch.Tensor) -> torch.Tensor:
+        """Clip actions (B, act_dim) into the action space."""
+        return torch.maximum(torch.minimum(action, self._action_high), self._action_low)
+
+    # ------------------------------------------------------------------ training hooks
+    @classmethod
+    def from_dataset(cls, dataset, config) -> "PolicyBase":
+        raise NotImplementedError
+
+    def batches(self, dataset, batch_size: int) -> Callable[[int, np.random.Generator], dict]:
+        """A batch sampler for the trainer: ``(step, rng) -> dict of arrays`` with a leading batch axis."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]):
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ checkpoints
+    def run_config(self, **extra) -> dict[str, Any]:
+        """Everything ``load_policy`` needs to rebuild this policy, as YAML-safe data."""
+        cfg = {"kind": self.kind, "spec": to_dict(self.spec), "policy": to_dict(self.config)}
+        cfg.update(extra)
+        return cfg
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "PolicyBase":
+        spec = from_dict(SpaceSpec, cfg.get("spec"), "spec")
+        config = from_dict(cls.Config, cfg.get("policy"), "policy")
+        return cls(config, spec)
+
+    def save(self, path, **extra) -> Path:
+        """Write an inference checkpoint folder (``model.safetensors`` + ``config.yaml``)."""
+        from diffplan.train.checkpoint import save_checkpoint
+
+        state = {k: v for k, v in self.state_dict().items()}
+        save_checkpoint(path, state, self.run_config(**extra))
+        return Path(path)
+
+
+def load_policy(path, device: str | torch.device = "cpu", task: str | None = None) -> PolicyBase:
+    """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint).
+
+    ``task``: if given, refuse a checkpoint trained for another task, naming both.
+    """
+    from diffplan.train.checkpoint import load_checkpoint
+    import diffplan.policies  # noqa: F401  (registers every policy kind)
+
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.config
+    kind = cfg.get("kind")
+    if kind not in POLICIES:
+        raise ConfigError(f"{ckpt.path}: unknown policy kind {kind!r}; known kinds: {', '.join(sorted(POLICIES))}")
+    policy = POLICIES[kind].from_config(cfg)
+    trained_for = policy.spec.task
+    if task is not None and trained_for is not None and task != trained_for:
+        raise ConfigError(f"checkpoint {ckpt.path} was trained for task {trained_for!r}, not {task!r}")
+    missing, unexpected = policy.load_state_dict(ckpt.model_state, strict=False)
+    if missing or unexpected:
+        raise ConfigError(f"{ckpt.path}/model.safetensors does not match a {kind} policy built from its "
+                          f"config.yaml: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    policy.checkpoint_path = Path(ckpt.path)
+    return policy.to(device).eval()

@@ -1,0 +1,239 @@
+"""Diffuser: planning by diffusing whole trajectories (Janner et al., ICML 2022).
+
+What it trains
+    A temporal U-Net denoises normalized trajectory windows of horizon H. For mazes the
+    trajectory is the state sequence ``[x, y, vx, vy]``; for locomotion it is ``[obs, action]``.
+    The first state (and, for goal tasks, the last) is inpainted during training as at test time.
+    For reward tasks a value network ``V(x_t, t)`` learns the discounted return of the window.
+
+How it acts
+    Each plan starts from noise (or from the previous plan: see ``diffplan.runtime``), with the
+    current state inpainted at step 0 and ``[goal, 0, 0]`` at step H-1 for goal tasks, and is
+    denoised by any solver. Actions come from
+      * ``pd``: Diffuser's maze tracking controller ``a = (wp_xy - xy) + (wp_vel - vel)`` toward the
+        next waypoint (REFERENCES: tracking is what made Diffuser's maze scores);
+      * ``plan``: the diffused action at the current step (locomotion, ``[obs, action]`` plans);
+    with value guidance (``n_samples`` plans, gradient steps on V, best plan kept) for reward tasks.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffplan.data import LimitsNormalizer, GaussianNormalizer, SequenceWindows
+from diffplan.diffusion import Constraints, Schedule, ValueGuidance, diffusion_loss, make_denoiser, sample
+from diffplan.nn import TemporalUNet
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.runtime.planner import PlannerConfig
+
+SCHEDULES = {"vp_cosine": Schedule.vp_cosine, "vp_linear": Schedule.vp_linear,
+             "rectified_flow": Schedule.rectified_flow}
+
+
+@dataclass
+class DiffuserConfig:
+    horizon: int = 128
+    with_actions: bool = False  # diffuse [obs, action] (locomotion) instead of states only (mazes)
+    dim: int = 32
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    schedule: str = "vp_cosine"
+    objective: str = "x0"
+    solver: str = "ddim"
+    steps: int = 10  # solver steps of a cold plan
+    normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
+    pad: bool = True  # train on windows that run past the episode end, padded to rest at the goal
+    action_mode: str = "pd"  # "pd" | "plan"
+    kp: float = 1.0  # PD tracking gains on position and velocity error
+    kd: float = 1.0
+    action_weight: float = 10.0  # loss weight of the first action (with_actions only)
+    # value guidance (reward tasks)
+    value_guided: bool = False
+    discount: float = 0.997
+    n_samples: int = 64
+    guide_scale: float = 0.1
+    n_guide_steps: int = 2
+    t_stopgrad: float = 0.1
+    runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} unknown; choose from {sorted(SCHEDULES)}")
+        if self.action_mode not in ("pd", "plan"):
+            raise ValueError(f"action_mode must be 'pd' or 'plan', got {self.action_mode!r}")
+        if self.action_mode == "plan" and not self.with_actions:
+            raise ValueError("action_mode='plan' needs with_actions=True (actions must be in the plan)")
+
+
+class ValueNet(nn.Module):
+    """V(x_t, t): the discounted return of a (noisy) normalized window, for gradient guidance."""
+
+    def __init__(self, horizon: int, dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(horizon * dim + 1, hidden), nn.Mish(),
+                                 nn.Linear(hidden, hidden), nn.Mish(), nn.Linear(hidden, 1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([x.flatten(1), t[:, None]], dim=1)).squeeze(-1)
+
+
+@register_policy
+class DiffuserPlanner(PolicyBase):
+    kind = "diffuser"
+    Config = DiffuserConfig
+
+    def __init__(self, config: DiffuserConfig, spec: SpaceSpec):
+        super().__init__(config, spec)
+        self.obs_dim, self.act_dim = spec.obs_dim, spec.act_dim
+        self.dim = spec.obs_dim + (spec.act_dim if config.with_actions else 0)
+        self.plan_shape = (config.horizon, self.dim)
+        self.default_steps = config.steps
+        self.schedule = SCHEDULES[config.schedule]()
+        norm = LimitsNormalizer if config.normalizer == "limits" else GaussianNormalizer
+        self.normalizer = norm(self.dim)
+        self.net = TemporalUNet(self.dim, dim=config.dim, dim_mults=config.dim_mults)
+        self.value = ValueNet(config.horizon, self.dim) if config.value_guided else None
+        self.register_buffer("value_scale", torch.ones(()))  # returns are divided by this for V
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def from_dataset(cls, dataset, config: DiffuserConfig) -> "DiffuserPlanner":
+        policy = cls(config, SpaceSpec.from_dataset(dataset))
+        x = dataset.observations
+        if config.with_actions:
+            x = np.concatenate([x, dataset.actions], axis=1)
+        rows = [x]
+        if config.pad and dataset.goals is not None:  # padded rows [goal, 0, ...] are data too
+            rows.append(policy._goal_states_np(dataset.goals))
+        policy.normalizer.fit(np.concatenate(rows, 0))
+        if config.value_guided:
+            windows = policy._windows(dataset)
+            v = windows.sample(min(len(windows), 50_000), np.random.default_rng(0))["value"]
+            policy.value_scale.fill_(float(np.abs(v).max()) or 1.0)
+        return policy
+
+    def _goal_states_np(self, goals: np.ndarray) -> np.ndarray:
+        """Rest states at the goal: [goal, 0, ...] rows of width self.dim."""
+        out = np.zeros((len(goals), self.dim), np.float32)
+        out[:, : goals.shape[1]] = goals
+        return out
+
+    def _windows(self, dataset) -> SequenceWindows:
+        keys = ("observations", "actions") if self.config.with_actions else ("observations",)
+        pad_fn = None
+        if self.config.pad and dataset.goals is not None:
+            gd = dataset.goals.shape[1]
+
+            def pad_fn(last_obs, goal):
+                row = np.zeros_like(last_obs)
+                row[..., :gd] = goal
+                return row
+        return SequenceWindows(dataset, self.config.horizon, keys=keys, pad=self.config.pad,
+                               pad_obs_fn=pad_fn, value=self.config.value_guided,
+                               discount=self.config.discount)
+
+    def batches(self, dataset, batch_size: int):
+        windows = self._windows(dataset)
+        with_actions = self.config.with_actions
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            b = windows.sample(batch_size, rng)
+            x = b["observations"]
+            if with_actions:
+                x = np.concatenate([x, b["actions"]], axis=-1)
+            out = {"x": x}
+            if "value" in b:
+                out["value"] = b["value"]
+            return out
+
+        return sample_batch
+
+    def _conditions(self, x0n: torch.Tensor) -> Constraints:
+        """Training-time inpainting: the window's own first (and, for goal tasks, last) state."""
+        c = Constraints([0], list(range(self.obs_dim)), x0n[:, :1, : self.obs_dim])
+        if self.spec.goal_dim:
+            c = c + Constraints([self.config.horizon - 1], list(range(self.obs_dim)),
+                                x0n[:, -1:, : self.obs_dim])
+        return c
+
+    def loss(self, batch):
+        x0 = self.normalizer.normalize(batch["x"])
+        weight = None
+        if self.config.with_actions and self.config.action_weight != 1.0:
+            weight = torch.ones(self.plan_shape, device=x0.device)
+            weight[0, self.obs_dim:] = self.config.action_weight
+        loss = diffusion_loss(self.net, x0, self.schedule, objective=self.config.objective,
+                              weight=weight, constraints=self._conditions(x0))
+        logs = {"diffusion": loss.detach()}
+        if self.value is not None:
+            t = torch.rand(x0.shape[0], device=x0.device)
+            xt = self.schedule.alpha(t)[:, None, None] * x0 + self.schedule.sigma(t)[:, None, None] * torch.randn_like(x0)
+            target = batch["value"].reshape(-1) / self.value_scale
+            v_loss = (self.value(xt, t) - target).pow(2).mean()
+            logs["value"] = v_loss.detach()
+            loss = loss + v_loss
+        return loss, logs
+
+    # ------------------------------------------------------------------ planning
+    def constraints(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Constraints:
+        """Inpainting at plan time: normalized current state at step 0, [goal, 0, ...] at H-1."""
+        dims = list(range(self.obs_dim))
+        start = torch.zeros(obs.shape[0], 1, self.dim, device=obs.device, dtype=obs.dtype)
+        start[:, 0, : self.obs_dim] = obs
+        c = Constraints([0], dims, self.normalizer.normalize(start)[:, :, : self.obs_dim])
+        if goal is not None:
+            end = torch.zeros_like(start)
+            end[:, 0, : goal.shape[1]] = goal
+            c = c + Constraints([self.config.horizon - 1], dims, self.normalizer.normalize(end)[:, :, : self.obs_dim])
+        return c
+
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D)."""
+        cfg = self.config
+        steps = cfg.steps if steps is None else steps
+        n = cfg.n_samples if self.value is not None else 1
+        if n > 1:  # value guidance: n candidate plans per env, keep the best
+            obs, noise = obs.repeat_interleave(n, 0), _more_noise(noise, n)
+            goal = None if goal is None else goal.repeat_interleave(n, 0)
+            warm = None if warm is None else warm.repeat_interleave(n, 0)
+        a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
+        x_init = noise * s if warm is None else a * warm + s * noise
+        denoise = make_denoiser(self.net, self.schedule, cfg.objective)
+        guidance = None
+        if self.value is not None:
+            guidance = ValueGuidance(self.value, scale=cfg.guide_scale, n_guide_steps=cfg.n_guide_steps,
+                                     t_stopgrad=cfg.t_stopgrad)
+        plans = sample(denoise, x_init, schedule=self.schedule, solver=cfg.solver, steps=steps,
+                       t_start=t_start, constraints=self.constraints(obs, goal), guidance=guidance,
+                       noise_prior=False)
+        if n > 1:
+            values = self.value(plans, torch.zeros(plans.shape[0], device=plans.device))
+            best = values.view(-1, n).argmax(1) + torch.arange(0, plans.shape[0], n, device=plans.device)
+            plans = plans[best]
+        return plans
+
+    def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
+        """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""
+        return self.normalizer.unnormalize(plans)[..., : self.obs_dim]
+
+    def action_at(self, plans, index, obs, goal):
+        h = self.config.horizon
+        if self.config.action_mode == "plan":
+            i = index.clamp(max=h - 1)
+            step = plans[torch.arange(plans.shape[0], device=plans.device), i]
+            return self.normalizer.unnormalize(step)[:, self.obs_dim:]
+        # PD tracking toward the next waypoint; past the plan's end, rest at its last state.
+        nxt = (index + 1).clamp(max=h - 1)
+        wp = self.normalizer.unnormalize(plans[torch.arange(plans.shape[0], device=plans.device), nxt])
+        wp = wp[:, : self.obs_dim].clone()
+        k = self.spec.act_dim  # position dims; the next k dims are their velocities
+        wp[:, k: 2 * k] = torch.where((index + 1 >= h)[:, None], torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
+        return self.config.kp * (wp[:, :k] - obs[:, :k]) + self.config.kd * (wp[:, k: 2 * k] - obs[:, k: 2 * k])
+
+
+def _more_noise(noise: torch.Tensor, n: int) -> torch.Tensor:
+    """Expand per-env noise (B, H, D) to n candidates per env, the first equal to the given noise."""
+    extra = torch.randn((noise.shape[0], n - 1) + noise.shape[1:], device=noise.device, dtype=noise.dtype)
+    return torch.cat([noise[:, None], extra], 1).flatten(0, 1)
