@@ -1,6 +1,9 @@
 """The installed package layout matches the repository: envs/ is diffplan.envs, nothing global."""
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")
 
 ROOT = Path(__file__).resolve().parents[1]
 
