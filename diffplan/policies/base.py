@@ -110,9 +110,11 @@ class PolicyBase(nn.Module):
         return self._action_low.device
 
     # ------------------------------------------------------------------ acting
-    def reset(self, mask=None) -> None:
-        """Start new episode(s): all envs, or those where ``mask`` (B,) is true."""
-        self.planner.reset(mask)
+    def reset(self, mask=None, seed=None) -> None:
+        """Start new episode(s): all envs, or those where ``mask`` (B,) is true.
+
+        ``seed`` (an int, or one per env) makes the plans' noise reproducible."""
+        self.planner.reset(mask, seed=seed)
 
     @torch.inference_mode()
     def act(self, obs, budget_ms: float | None = None) -> np.ndarray:

@@ -73,7 +73,7 @@ class Planner:
         self._index = np.zeros(0, dtype=np.int64)  # position of each env in its plan
         self._valid = np.zeros(0, dtype=bool)  # env has a plan it may continue or warm-start from
         self._generators: list[torch.Generator] = []
-        self._episode = np.zeros(0, dtype=np.int64)
+        self._pending_seeds: list[int] | None = None
         self._cost: dict[tuple[int, bool], tuple[float, float]] = {}  # (B, warm) -> (fixed_ms, per_step_ms)
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self.last_latency_ms = 0.0
@@ -81,14 +81,19 @@ class Planner:
         self.num_plans = 0  # replans made since construction (each counts once per call)
 
     # ---------------------------------------------------------------- episode bookkeeping
-    def reset(self, mask: Sequence[bool] | np.ndarray | None = None) -> None:
-        """Forget plans: all of them (``mask=None``), or those of the envs where ``mask`` is true."""
+    def reset(self, mask: Sequence[bool] | np.ndarray | None = None,
+              seed: int | Sequence[int] | None = None) -> None:
+        """Forget plans: all of them (``mask=None``), or those of the envs where ``mask`` is true.
+
+        ``seed`` reseeds the noise generators: an int gives env ``i`` the seed ``seed + i``, a
+        list gives one seed per env. Without it, generators continue their streams (initially
+        seeded from ``config.seed`` and the env index).
+        """
+        if seed is not None:
+            self._pending_seeds = [int(seed) + i for i in range(1 << 16)] if np.isscalar(seed) else [int(v) for v in seed]
         if mask is None:
             self._plans = None
-            self._index = np.zeros(0, dtype=np.int64)
             self._valid = np.zeros(0, dtype=bool)
-            self._generators = []
-            self._episode = np.zeros(0, dtype=np.int64)
             return
         mask = np.asarray(mask, dtype=bool).reshape(-1)
         if self._plans is None:
@@ -97,28 +102,33 @@ class Planner:
             raise ValueError(f"reset mask has {mask.shape[0]} entries but the planner serves "
                              f"{self._valid.shape[0]} envs")
         self._valid[mask] = False
-        self._episode[mask] += 1
-        for i in np.flatnonzero(mask):
-            self._seed_generator(i)
-
-    def _seed_generator(self, i: int) -> None:
-        seed = self.config.seed
-        if seed is None:
-            self._generators[i].seed()
-        else:
-            self._generators[i].manual_seed(int(seed) * 1_000_003 + i * 7_919 + int(self._episode[i]))
+        if self._pending_seeds is not None:
+            for i in np.flatnonzero(mask):
+                self._generators[i].manual_seed(self._pending_seeds[i])
+            self._pending_seeds = None
 
     def _ensure_batch(self, batch: int, device: torch.device) -> None:
         if self._plans is not None and self._plans.shape[0] == batch and self._plans.device == device:
+            if self._pending_seeds is not None:  # reset(seed=...) of every env
+                for i, g in enumerate(self._generators):
+                    g.manual_seed(self._pending_seeds[i])
+                self._pending_seeds = None
             return
         h, d = self.policy.plan_shape
         self._plans = torch.zeros(batch, h, d, device=device)
         self._index = np.zeros(batch, dtype=np.int64)
         self._valid = np.zeros(batch, dtype=bool)
-        self._episode = np.zeros(batch, dtype=np.int64)
-        self._generators = [torch.Generator(device="cpu") for _ in range(batch)]
-        for i in range(batch):
-            self._seed_generator(i)
+        if len(self._generators) != batch or self._pending_seeds is not None:
+            seeds = self._pending_seeds
+            if seeds is None:
+                base = self.config.seed
+                seeds = [None if base is None else int(base) * 1_000_003 + i for i in range(batch)]
+            elif len(seeds) < batch:
+                raise ValueError(f"reset got {len(seeds)} seeds for a batch of {batch} envs")
+            self._generators = [torch.Generator(device="cpu") for _ in range(batch)]
+            for g, sd in zip(self._generators, seeds):
+                g.manual_seed(sd) if sd is not None else g.seed()
+            self._pending_seeds = None
 
     # ---------------------------------------------------------------- acting
     def act(self, obs: torch.Tensor, goal: torch.Tensor | None = None,
