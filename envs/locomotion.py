@@ -1,0 +1,317 @@
+"""Locomotion tasks (Hopper / HalfCheetah / Walker2d, Gymnasium v5) and their dataset recipes.
+
+The datasets follow D4RL's recipes, made locally from the behavior actors shipped under
+``checkpoints/behavior/<family>/step-<N>/`` (SB3 SAC trained here, see :mod:`diffplan.envs.behavior`):
+
+``<family>-medium``
+    1M steps of the *medium* snapshot, stochastic actions (``tanh(mu + std * eps)``, the way SAC
+    acts while collecting). The medium snapshot is the shipped one whose evaluated D4RL score is
+    closest to the mean score of D4RL's own medium datasets (44 / 40 / 62 for hopper /
+    halfcheetah / walker2d), i.e. about a third of expert.
+``<family>-medium-replay``
+    What SAC's replay buffer held when training reached the medium snapshot at step ``M``. The
+    buffer holds the same number of env steps from every stretch of training, so each behavior
+    contributes steps in proportion to the training steps it covered: uniform random actions for
+    ``[0, learning_starts)`` (SB3 SAC's warm-up), then snapshot ``s_j`` (stochastic) for
+    ``[s_j, s_{j+1})`` up to ``M`` -- a snapshot stands in for the policies trained after it
+    until the next shipped snapshot. Later stretches weigh more when the shipped snapshots are
+    spaced further apart late in training. ``M`` steps in total (D4RL's are 0.2M - 0.4M).
+``<family>-medium-expert``
+    The medium dataset (same seed, identical arrays) followed by 1M steps of the *expert*
+    snapshot (the best shipped one), 2M in total.
+
+Every episode is cut at 1000 steps (``timeouts``); ``terminals`` come from the env. Rollouts run
+``num_envs`` envs side by side with one batched actor call per step; given the shipped weights,
+the seed and ``num_envs`` the arrays are identical from run to run.
+
+Eval uses 1000-step episodes. Scores are D4RL-normalized with D4RL's reference returns; the
+random-policy return measured in the v5 env is kept beside them (``random_return_v5``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import yaml
+
+from .behavior import D4RL_REF, TanhGaussianActor, load_actor
+
+EPISODE_STEPS = 1000
+LEARNING_STARTS = 10_000  # SB3 SAC warm-up with uniform random actions (rl-zoo setting)
+FAMILIES = {"hopper": "Hopper-v5", "halfcheetah": "HalfCheetah-v5", "walker2d": "Walker2d-v5"}
+# Mean D4RL-normalized score of D4RL's medium datasets (REFERENCES.md): the medium target.
+MEDIUM_TARGET = {"hopper": 44.0, "halfcheetah": 40.0, "walker2d": 62.0}
+# Return of uniform random actions in the v5 env: mean over 100 episodes of <= 1000 steps,
+# reset seeds 0..99, action_space seeded with the episode index (measure_random_return()).
+RANDOM_RETURN_V5 = {"hopper": 17.04, "halfcheetah": -267.71, "walker2d": 1.93}
+# Snapshots pinned once training is done (None: chosen from the shipped snapshots' yaml).
+PINNED = {
+    "hopper": {"medium": None, "expert": None},
+    "halfcheetah": {"medium": None, "expert": None},
+    "walker2d": {"medium": None, "expert": None},
+}
+DEFAULT_SEED = 0
+DEFAULT_NUM_ENVS = 16
+KINDS = ("medium", "medium-replay", "medium-expert")
+
+
+def behavior_dir() -> Path:
+    """``checkpoints/behavior`` of the repository (override: ``DIFFPLAN_BEHAVIOR_DIR``)."""
+    env = os.environ.get("DIFFPLAN_BEHAVIOR_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "checkpoints" / "behavior"
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    step: int
+    path: Path
+    score: float | None  # D4RL-normalized eval score (deterministic actor) from actor.yaml
+    ret: float | None
+
+
+def list_snapshots(family: str, root: Path | None = None) -> list[Snapshot]:
+    root = Path(root or behavior_dir()) / family
+    snaps = []
+    if not root.is_dir():
+        return snaps
+    for d in root.iterdir():
+        if not (d.is_dir() and d.name.startswith("step-") and (d / "actor.yaml").exists()):
+            continue
+        with open(d / "actor.yaml") as f:
+            meta = yaml.safe_load(f)
+        snaps.append(Snapshot(int(meta["train_step"]), d, meta.get("d4rl_score"),
+                              meta.get("eval_return_mean")))
+    return sorted(snaps, key=lambda s: s.step)
+
+
+def _by_name(snaps: list[Snapshot], name: str) -> Snapshot:
+    for s in snaps:
+        if s.path.name == name:
+            return s
+    raise FileNotFoundError(f"pinned behavior snapshot {name} is not shipped")
+
+
+def medium_snapshot(family: str, root: Path | None = None) -> Snapshot:
+    snaps = list_snapshots(family, root)
+    if not snaps:
+        raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
+    if PINNED[family]["medium"]:
+        return _by_name(snaps, PINNED[family]["medium"])
+    target = MEDIUM_TARGET[family]
+    scored = [s for s in snaps if s.score is not None]
+    return min(scored, key=lambda s: (abs(s.score - target), s.step))
+
+
+def expert_snapshot(family: str, root: Path | None = None) -> Snapshot:
+    snaps = list_snapshots(family, root)
+    if not snaps:
+        raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
+    if PINNED[family]["expert"]:
+        return _by_name(snaps, PINNED[family]["expert"])
+    scored = [s for s in snaps if s.score is not None]
+    return max(scored, key=lambda s: (s.score, -s.step))
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts
+# --------------------------------------------------------------------------------------------
+
+KEYS = ("observations", "actions", "rewards", "terminals", "timeouts", "next_observations")
+
+
+def _empty(obs_dim: int, act_dim: int) -> dict[str, np.ndarray]:
+    return {"observations": np.zeros((0, obs_dim), np.float32),
+            "actions": np.zeros((0, act_dim), np.float32),
+            "rewards": np.zeros((0,), np.float32), "terminals": np.zeros((0,), bool),
+            "timeouts": np.zeros((0,), bool),
+            "next_observations": np.zeros((0, obs_dim), np.float32)}
+
+
+def concat(parts: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {k: np.concatenate([p[k] for p in parts]) for k in KEYS}
+
+
+def rollout(env_id: str, actor: TanhGaussianActor | None, steps: int, seed: int,
+            num_envs: int = DEFAULT_NUM_ENVS, deterministic: bool = False,
+            max_episode_steps: int = EPISODE_STEPS, env_kwargs: dict | None = None,
+            progress: Callable[[int], None] | None = None) -> dict[str, np.ndarray]:
+    """Exactly ``steps`` transitions of ``actor`` (None: uniform random actions) in ``env_id``.
+
+    ``num_envs`` envs step side by side. Episodes are kept whole in the order they end (ties in
+    env order); the last kept episode is cut to fit and its last step marked as a timeout.
+    Episodes still running when the budget is met are dropped. Reset seeds and action noise come
+    from ``seed`` only, so the result is a function of (weights, seed, num_envs).
+    """
+    import gymnasium as gym
+
+    envs = [gym.make(env_id, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
+            for _ in range(num_envs)]
+    space = envs[0].action_space
+    low, high = space.low.astype(np.float32), space.high.astype(np.float32)
+    obs_dim = int(np.prod(envs[0].observation_space.shape))
+    act_dim = int(np.prod(space.shape))
+    if steps <= 0:
+        return _empty(obs_dim, act_dim)
+    noise_rng = np.random.default_rng([seed, 0])
+    reset_rng = np.random.default_rng([seed, 1])
+
+    def reset(i):
+        o, _ = envs[i].reset(seed=int(reset_rng.integers(2**31 - 1)))
+        return np.asarray(o, np.float32)
+
+    obs = np.stack([reset(i) for i in range(num_envs)])
+    bufs = [[] for _ in range(num_envs)]  # per env: list of (o, a, r, term, trunc, o2)
+    done_eps: list[dict[str, np.ndarray]] = []
+    total = 0
+    try:
+        while total < steps:
+            if actor is None:
+                act = noise_rng.uniform(low, high, (num_envs, act_dim)).astype(np.float32)
+            else:
+                act = actor.act(obs, deterministic=deterministic, rng=noise_rng)
+            for i, env in enumerate(envs):
+                o2, r, term, trunc, _ = env.step(act[i])
+                o2 = np.asarray(o2, np.float32)
+                bufs[i].append((obs[i].copy(), act[i], r, term, trunc and not term, o2))
+                if term or trunc:
+                    b = bufs[i]
+                    ep = {"observations": np.stack([t[0] for t in b]),
+                          "actions": np.stack([t[1] for t in b]),
+                          "rewards": np.asarray([t[2] for t in b], np.float32),
+                          "terminals": np.asarray([t[3] for t in b], bool),
+                          "timeouts": np.asarray([t[4] for t in b], bool),
+                          "next_observations": np.stack([t[5] for t in b])}
+                    done_eps.append(ep)
+                    n = len(b)
+                    total += n
+                    if progress:
+                        progress(min(n, max(steps - (total - n), 0)))
+                    bufs[i] = []
+                    obs[i] = reset(i)
+                    if total >= steps:
+                        break
+                else:
+                    obs[i] = o2
+    finally:
+        for env in envs:
+            env.close()
+    out = concat(done_eps)
+    out = {k: v[:steps] for k, v in out.items()}
+    last = steps - 1
+    if not (out["terminals"][last] or out["timeouts"][last]):
+        out["timeouts"][last] = True
+    return out
+
+
+def measure_random_return(env_id: str, episodes: int = 100) -> tuple[float, float]:
+    """Mean and standard error of the uniform-random return (protocol of RANDOM_RETURN_V5)."""
+    import gymnasium as gym
+
+    env = gym.make(env_id, max_episode_steps=EPISODE_STEPS)
+    rets = []
+    for i in range(episodes):
+        env.reset(seed=i)
+        env.action_space.seed(i)
+        total, done = 0.0, False
+        while not done:
+            _, r, term, trunc, _ = env.step(env.action_space.sample())
+            total += float(r)
+            done = term or trunc
+        rets.append(total)
+    env.close()
+    return float(np.mean(rets)), float(np.std(rets) / np.sqrt(len(rets)))
+
+
+# --------------------------------------------------------------------------------------------
+# Recipes
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Segment:
+    """``steps`` transitions of one behavior: a snapshot folder, or None for uniform random."""
+
+    snapshot: Path | None
+    steps: int
+    seed: int
+    label: str
+
+
+def recipe(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
+           root: Path | None = None) -> list[Segment]:
+    """The segments a dataset is made of. ``steps`` rescales the recipe (tests use small ones);
+    default 1M per behavior for medium / medium-expert, ``M`` for medium-replay."""
+    if kind not in KINDS:
+        raise KeyError(f"unknown locomotion dataset kind {kind!r}; one of {KINDS}")
+    med = medium_snapshot(family, root)
+    if kind == "medium":
+        return [Segment(med.path, steps or 1_000_000, seed, f"medium:{med.path.name}")]
+    if kind == "medium-expert":
+        exp = expert_snapshot(family, root)
+        n = (steps // 2) if steps else 1_000_000
+        return [Segment(med.path, n, seed, f"medium:{med.path.name}"),
+                Segment(exp.path, (steps - n) if steps else 1_000_000, seed + 1,
+                        f"expert:{exp.path.name}")]
+    # medium-replay: stretches of training time [b_k, b_{k+1}) up to the medium snapshot's step
+    snaps = [s for s in list_snapshots(family, root) if s.step < med.step]
+    bounds = sorted({0, LEARNING_STARTS, med.step}
+                    | {s.step for s in snaps if LEARNING_STARTS < s.step < med.step})
+    bounds = [b for b in bounds if b <= med.step]
+    owners: list[Snapshot | None] = []
+    for b in bounds[:-1]:
+        before = [s for s in snaps if s.step <= b]
+        owners.append(None if b < LEARNING_STARTS or not before else before[-1])
+    lengths = np.diff(bounds)
+    total = int(lengths.sum())
+    if steps:  # rescale, keeping every stretch's share
+        lengths = np.floor(lengths * steps / total).astype(int)
+        lengths[-1] += steps - lengths.sum()
+    segs = []
+    for j, (owner, n) in enumerate(zip(owners, lengths)):
+        if n <= 0:
+            continue
+        segs.append(Segment(None if owner is None else owner.path, int(n), seed + 1000 * (j + 1),
+                            "random" if owner is None else f"replay:{owner.path.name}"))
+    return segs
+
+
+def generate(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
+             num_envs: int = DEFAULT_NUM_ENVS, progress: bool = True,
+             root: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
+    """Arrays (D4RL keys) and a small info dict describing the recipe that made them."""
+    import torch
+
+    env_id = FAMILIES[family]
+    segs = recipe(family, kind, steps, seed, root)
+    total = sum(s.steps for s in segs)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc=f"{family}-{kind}", unit="step", smoothing=0.05)
+    prev_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batched MLP: threads only add overhead
+    parts = []
+    try:
+        for s in segs:
+            actor = None if s.snapshot is None else load_actor(s.snapshot)
+            parts.append(rollout(env_id, actor, s.steps, s.seed, num_envs,
+                                 progress=bar.update if bar else None))
+    finally:
+        torch.set_num_threads(prev_threads)
+        if bar:
+            bar.close()
+    info = {"task": f"{family}-{kind}", "env_id": env_id, "seed": seed, "num_envs": num_envs,
+            "segments": [{"behavior": s.label, "steps": s.steps, "seed": s.seed} for s in segs]}
+    return concat(parts), info

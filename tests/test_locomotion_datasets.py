@@ -1,0 +1,90 @@
+"""Locomotion dataset recipes: determinism, episode boundaries, timeouts, D4RL HDF5 round trip.
+
+Small step counts and tiny stand-in actors written to a temporary behavior folder, so these tests
+do not depend on which snapshots are shipped.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+from diffplan.envs import locomotion as L
+from diffplan.envs.behavior import ActorMeta, TanhGaussianActor
+
+
+def _write_snapshots(root, family="hopper", steps_scores=((10_000, 1.0), (20_000, 20.0),
+                                                         (30_000, 45.0), (40_000, 70.0))):
+    env_id = L.FAMILIES[family]
+    import gymnasium as gym
+
+    env = gym.make(env_id)
+    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    env.close()
+    for i, (step, score) in enumerate(steps_scores):
+        torch.manual_seed(i)
+        meta = ActorMeta(obs_dim=obs_dim, act_dim=act_dim, hidden_sizes=[16, 16],
+                         action_low=[-1.0] * act_dim, action_high=[1.0] * act_dim, env_id=env_id,
+                         train_step=step, eval_return_mean=score * 30, d4rl_score=score)
+        TanhGaussianActor(obs_dim, act_dim, [16, 16], meta.action_low, meta.action_high,
+                          meta=meta).save(root / family / f"step-{step}")
+    return root
+
+
+@pytest.fixture()
+def root(tmp_path):
+    return _write_snapshots(tmp_path)
+
+
+def test_snapshot_choice(root):
+    assert L.medium_snapshot("hopper", root).step == 30_000  # 45 is closest to 44
+    assert L.expert_snapshot("hopper", root).step == 40_000
+
+
+def test_replay_recipe_weights(root):
+    segs = L.recipe("hopper", "medium-replay", root=root)
+    # [0,10k) random, [10k,20k) step-10000, [20k,30k) step-20000; ends at the medium step
+    assert [s.label for s in segs] == ["random", "replay:step-10000", "replay:step-20000"]
+    assert [s.steps for s in segs] == [10_000, 10_000, 10_000]
+    small = L.recipe("hopper", "medium-replay", steps=3000, root=root)
+    assert sum(s.steps for s in small) == 3000
+    me = L.recipe("hopper", "medium-expert", steps=1000, root=root)
+    assert [s.label for s in me] == ["medium:step-30000", "expert:step-40000"]
+    # the medium part of medium-expert is the medium dataset itself
+    assert me[0].seed == L.recipe("hopper", "medium", root=root)[0].seed
+
+
+@pytest.mark.parametrize("kind", ["medium", "medium-replay", "medium-expert"])
+def test_regenerate_identical(root, kind):
+    a, info_a = L.generate("hopper", kind, steps=1500, num_envs=4, progress=False, root=root)
+    b, info_b = L.generate("hopper", kind, steps=1500, num_envs=4, progress=False, root=root)
+    assert info_a == info_b
+    for k in L.KEYS:
+        assert a[k].shape[0] == 1500
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    c, _ = L.generate("hopper", kind, steps=1500, seed=1, num_envs=4, progress=False, root=root)
+    assert not np.array_equal(a["actions"], c["actions"])
+
+
+def test_episode_boundaries_and_timeouts(tmp_path):
+    # a near-deterministic actor on HalfCheetah never terminates: every episode is 1000 steps
+    root = _write_snapshots(tmp_path, "halfcheetah", ((10_000, 40.0),))
+    d, _ = L.generate("halfcheetah", "medium", steps=2500, num_envs=2, progress=False, root=root)
+    ends = np.flatnonzero(d["terminals"] | d["timeouts"])
+    assert list(ends) == [999, 1999, 2499]
+    assert not d["terminals"].any() and d["timeouts"][ends].all()
+    # within an episode the next observation is the following observation
+    ok = np.ones(2500, bool)
+    ok[ends] = False
+    np.testing.assert_array_equal(d["next_observations"][:-1][ok[:-1]], d["observations"][1:][ok[:-1]])
+
+
+def test_terminals_from_env(root):
+    d, _ = L.generate("hopper", "medium", steps=3000, num_envs=3, progress=False, root=root)
+    # random-ish tiny actors make Hopper fall: episodes end on env terminations, well before 1000
+    assert d["terminals"].sum() > 3
+    assert not (d["terminals"] & d["timeouts"]).any()
+    ends = np.flatnonzero(d["terminals"] | d["timeouts"])
+    assert ends[-1] == 2999 and np.diff(np.r_[-1, ends]).max() <= 1000
+    # a terminal step's next observation is the state the env ended in (not a reset)
+    i = np.flatnonzero(d["terminals"])[0]
+    assert not np.allclose(d["next_observations"][i], d["observations"][i + 1])
