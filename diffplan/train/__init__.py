@@ -1,0 +1,21 @@
+"""Generic training: `Trainer` trains any module with a ``loss(batch)``; checkpoint folders; DDP."""
+
+from diffplan.train.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from diffplan.train.trainer import TrainConfig, Trainer, learning_rate
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "TrainConfig",
+    "Trainer",
+    "latest_checkpoint",
+    "learning_rate",
+    "load_checkpoint",
+    "save_checkpoint",
+]
