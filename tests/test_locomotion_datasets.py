@@ -88,3 +88,20 @@ def test_terminals_from_env(root):
     # a terminal step's next observation is the state the env ended in (not a reset)
     i = np.flatnonzero(d["terminals"])[0]
     assert not np.allclose(d["next_observations"][i], d["observations"][i + 1])
+
+
+def test_d4rl_hdf5_roundtrip(root, tmp_path):
+    data = pytest.importorskip("diffplan.data", reason="diffplan.data is not importable")
+    if not hasattr(data, "from_d4rl_hdf5"):
+        pytest.skip("diffplan.data.from_d4rl_hdf5 does not exist yet")
+    h5py = pytest.importorskip("h5py")
+    d, _ = L.generate("hopper", "medium-replay", steps=2000, num_envs=3, progress=False, root=root)
+    path = tmp_path / "hopper-medium-replay.hdf5"
+    with h5py.File(path, "w") as f:  # D4RL's layout, written by hand
+        for k in L.KEYS:
+            f.create_dataset(k, data=d[k])
+    ds = data.from_d4rl_hdf5(path)
+    for k in L.KEYS:
+        np.testing.assert_array_equal(np.asarray(getattr(ds, k)), d[k], err_msg=k)
+    ends = np.flatnonzero(d["terminals"] | d["timeouts"]) + 1
+    np.testing.assert_array_equal(np.asarray(ds.episode_ends), ends)
