@@ -9,7 +9,13 @@ import torch
 import yaml
 from torch import nn
 
-from diffplan.train import TrainConfig, Trainer, latest_checkpoint, learning_rate, load_checkpoint
+from diffplan.train import (
+    TrainConfig,
+    Trainer,
+    latest_checkpoint,
+    learning_rate,
+    load_checkpoint,
+)
 
 
 class Toy(nn.Module):
@@ -18,7 +24,9 @@ class Toy(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.1), nn.Mish(), nn.Linear(16, 2))
+        self.net = nn.Sequential(
+            nn.Linear(3, 16), nn.Dropout(0.1), nn.Mish(), nn.Linear(16, 2)
+        )
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def loss(self, batch):
@@ -38,8 +46,17 @@ def batches(step, rng):
 
 
 def _cfg(**kw):
-    base = dict(steps=20, warmup_steps=5, lr=1e-2, weight_decay=0.01, ckpt_every=10, log_every=5,
-                ema_decay=0.9, keep_last=0, progress=False)
+    base = {
+        "steps": 20,
+        "warmup_steps": 5,
+        "lr": 1e-2,
+        "weight_decay": 0.01,
+        "ckpt_every": 10,
+        "log_every": 5,
+        "ema_decay": 0.9,
+        "keep_last": 0,
+        "progress": False,
+    }
     base.update(kw)
     return TrainConfig(**base)
 
@@ -58,7 +75,9 @@ def _assert_same_tensors(a, b):
 def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg()
-    straight = Trainer(Toy(), batches, cfg, tmp_path / "a", run_config={"policy": "toy"}).fit()
+    straight = Trainer(
+        Toy(), batches, cfg, tmp_path / "a", run_config={"policy": "toy"}
+    ).fit()
 
     class Killed(Exception):
         pass
@@ -69,42 +88,72 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
         return batches(step, rng)
 
     with pytest.raises(Killed):
-        Trainer(Toy(), dies_at_16, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit()
+        Trainer(
+            Toy(), dies_at_16, cfg, tmp_path / "b", run_config={"policy": "toy"}
+        ).fit()
     assert latest_checkpoint(tmp_path / "b").name == "step-00000010"
 
     # A differently initialized model: everything must come from the checkpoint.
-    resumed = Trainer(Toy(seed=7), batches, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit(resume=True)
+    resumed = Trainer(
+        Toy(seed=7), batches, cfg, tmp_path / "b", run_config={"policy": "toy"}
+    ).fit(resume=True)
 
     a = load_checkpoint(tmp_path / "a")
     b = load_checkpoint(tmp_path / "b")
     assert a.path.name == b.path.name == "step-00000020"
     _assert_same_tensors(a.model_state, b.model_state)  # EMA weights
-    _assert_same_tensors(a.optimizer_tensors, b.optimizer_tensors)  # raw params, EMA, Adam moments
+    _assert_same_tensors(
+        a.optimizer_tensors, b.optimizer_tensors
+    )  # raw params, EMA, Adam moments
     assert a.trainer_state == b.trainer_state
     _assert_same_tensors(straight.state_dict(), resumed.state_dict())
-    assert any(k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in a.optimizer_tensors)
-    assert a.model_state["calls"].dtype == torch.long and int(a.model_state["calls"]) == 20
+    assert any(
+        k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in a.optimizer_tensors
+    )
+    assert (
+        a.model_state["calls"].dtype == torch.long and int(a.model_state["calls"]) == 20
+    )
     # The crashed run's log rows past step 10 are dropped and replayed once.
     assert [int(r["step"]) for r in _read_log(tmp_path / "b")] == [5, 10, 15, 20]
-    assert [r["loss"] for r in _read_log(tmp_path / "a")] == [r["loss"] for r in _read_log(tmp_path / "b")]
+    assert [r["loss"] for r in _read_log(tmp_path / "a")] == [
+        r["loss"] for r in _read_log(tmp_path / "b")
+    ]
 
 
 def test_checkpoint_folder_holds_inference_weights_config_and_resume_state(tmp_path):
     cfg = _cfg(steps=6, ckpt_every=2, keep_last=2)
-    Trainer(Toy(), batches, cfg, tmp_path, run_config={"policy": "toy", "task": "t"}).fit()
+    Trainer(
+        Toy(), batches, cfg, tmp_path, run_config={"policy": "toy", "task": "t"}
+    ).fit()
     dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert dirs == ["step-00000004", "step-00000006"]  # keep_last=2
     ck = load_checkpoint(tmp_path)
     assert set(ck.model_state) == set(Toy().state_dict())
     with open(ck.path / "config.yaml") as f:
-        assert yaml.safe_load(f) == {"policy": "toy", "task": "t", "train": cfg.to_dict()}
+        assert yaml.safe_load(f) == {
+            "policy": "toy",
+            "task": "t",
+            "train": cfg.to_dict(),
+        }
     ts = ck.trainer_state
-    assert ts["step"] == 6 and ts["seeds"]["seed"] == cfg.seed and ts["config"] == cfg.to_dict()
+    assert (
+        ts["step"] == 6
+        and ts["seeds"]["seed"] == cfg.seed
+        and ts["config"] == cfg.to_dict()
+    )
     assert ts["optimizer"]["param_groups"][0]["betas"] == list(cfg.betas)
     assert {k.split(".")[0] for k in ck.optimizer_tensors} == {"params", "ema", "opt"}
     assert (tmp_path / "tb").is_dir()
     rows = _read_log(tmp_path)
-    assert list(rows[0]) == ["step", "loss", "lr", "it/s", "grad_norm", "abs_err", "const"]
+    assert list(rows[0]) == [
+        "step",
+        "loss",
+        "lr",
+        "it/s",
+        "grad_norm",
+        "abs_err",
+        "const",
+    ]
     assert [int(r["step"]) for r in rows] == [5, 6]
 
 
@@ -120,27 +169,41 @@ def test_lr_warms_up_linearly_then_follows_cosine_to_the_floor():
     assert learning_rate(4, cfg) == pytest.approx(0.5)
     assert learning_rate(9, cfg) == pytest.approx(1.0)
     assert learning_rate(10, cfg) == pytest.approx(1.0)
-    assert learning_rate(35, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert learning_rate(35, cfg) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
+    )
     assert learning_rate(60, cfg) == pytest.approx(0.55)
     assert learning_rate(110, cfg) == pytest.approx(0.1)
     assert learning_rate(500, cfg) == pytest.approx(0.1)
     const = TrainConfig(steps=110, warmup_steps=10, lr=1.0, lr_schedule="constant")
     assert learning_rate(4, const) == pytest.approx(0.5)
     assert [learning_rate(s, const) for s in (10, 60, 109)] == [1.0, 1.0, 1.0]
-    assert learning_rate(0, TrainConfig(warmup_steps=0, steps=10, lr=2.0)) == pytest.approx(2.0)
+    assert learning_rate(
+        0, TrainConfig(warmup_steps=0, steps=10, lr=2.0)
+    ) == pytest.approx(2.0)
 
 
 def test_optimizer_uses_the_schedule_in_every_param_group(tmp_path):
     cfg = _cfg(steps=12, warmup_steps=4, log_every=1, ckpt_every=100)
 
     def groups(model):
-        return [{"params": model.net[0].parameters()},
-                {"params": model.net[3].parameters(), "lr": cfg.lr * 0.1, "weight_decay": 0.0}]
+        return [
+            {"params": model.net[0].parameters()},
+            {
+                "params": model.net[3].parameters(),
+                "lr": cfg.lr * 0.1,
+                "weight_decay": 0.0,
+            },
+        ]
 
     trainer = Trainer(Toy(), batches, cfg, tmp_path, param_groups=groups)
     trainer.fit()
-    for row in _read_log(tmp_path):  # row k logs the lr of the k-th update (0-based step k-1)
-        assert float(row["lr"]) == pytest.approx(learning_rate(int(row["step"]) - 1, cfg))
+    for row in _read_log(
+        tmp_path
+    ):  # row k logs the lr of the k-th update (0-based step k-1)
+        assert float(row["lr"]) == pytest.approx(
+            learning_rate(int(row["step"]) - 1, cfg)
+        )
     last = learning_rate(cfg.steps - 1, cfg)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last)
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(0.1 * last)
@@ -160,20 +223,34 @@ def test_gradients_are_clipped_to_the_configured_norm(clip):
     model = Steep()
     Trainer(model, lambda s, r: {}, _cfg(steps=1, grad_clip=clip), None).fit()
     raw_norm = 1e3 * 2 * 3.0 * math.sqrt(10)
-    assert model.w.grad.norm().item() == pytest.approx(clip if clip is not None else raw_norm, rel=1e-5)
+    assert model.w.grad.norm().item() == pytest.approx(
+        clip if clip is not None else raw_norm, rel=1e-5
+    )
 
 
 def test_model_safetensors_holds_ema_weights_not_raw_weights(tmp_path):
-    returned = Trainer(Toy(), batches, _cfg(steps=8, ema_decay=0.9), tmp_path / "ema").fit()
+    returned = Trainer(
+        Toy(), batches, _cfg(steps=8, ema_decay=0.9), tmp_path / "ema"
+    ).fit()
     ck = load_checkpoint(tmp_path / "ema")
-    raw = {k[len("params."):]: v for k, v in ck.optimizer_tensors.items() if k.startswith("params.")}
+    raw = {
+        k[len("params.") :]: v
+        for k, v in ck.optimizer_tensors.items()
+        if k.startswith("params.")
+    }
     ema_keys = [k for k in ck.optimizer_tensors if k.startswith("ema.")]
     assert set(raw) == set(ck.model_state)
     for name, value in ck.model_state.items():
-        assert torch.equal(value, returned.state_dict()[name])  # fit() returns the EMA weights
+        assert torch.equal(
+            value, returned.state_dict()[name]
+        )  # fit() returns the EMA weights
         if value.is_floating_point():
             assert not torch.equal(value, raw[name]), name
-            assert any(torch.equal(value, ck.optimizer_tensors[k]) for k in ema_keys if k.endswith(name))
+            assert any(
+                torch.equal(value, ck.optimizer_tensors[k])
+                for k in ema_keys
+                if k.endswith(name)
+            )
 
     # With decay 0 the average is the latest raw model.
     Trainer(Toy(), batches, _cfg(steps=8, ema_decay=0.0), tmp_path / "no-ema").fit()

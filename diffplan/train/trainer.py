@@ -20,9 +20,10 @@ import re
 import shutil
 import time
 import warnings
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,7 +51,9 @@ _TRAINER_STATE_FORMAT = "diffplan.trainer/1"
 @dataclass
 class TrainConfig:
     steps: int = 100_000
-    batch_size: int = 32  # per process; read by the caller's `batches` function, not by the loop
+    batch_size: int = (
+        32  # per process; read by the caller's `batches` function, not by the loop
+    )
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -67,29 +70,43 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA; ignored on CPU
     device: str = "cpu"
     progress: bool = True
-    ddp_find_unused: bool = False  # DDP find_unused_parameters, for losses that skip some params
+    ddp_find_unused: bool = (
+        False  # DDP find_unused_parameters, for losses that skip some params
+    )
 
     def __post_init__(self) -> None:
         self.betas = tuple(float(b) for b in self.betas)
         if len(self.betas) != 2:
-            raise ValueError(f"TrainConfig.betas must have two values, got {self.betas}")
+            raise ValueError(
+                f"TrainConfig.betas must have two values, got {self.betas}"
+            )
         if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}")
+            raise ValueError(
+                f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
+            )
         for name in ("steps", "warmup_steps", "seed", "keep_last"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}"
+                )
         for name in ("batch_size", "ema_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(
+                    f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}"
+                )
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+            raise ValueError(
+                f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}"
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown TrainConfig key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+            raise ValueError(
+                f"unknown TrainConfig key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
+            )
         return cls(**d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +115,9 @@ class TrainConfig:
         return d
 
 
-def learning_rate(step: int, config: TrainConfig, base_lr: float | None = None) -> float:
+def learning_rate(
+    step: int, config: TrainConfig, base_lr: float | None = None
+) -> float:
     """LR for the update made at ``step`` (0-based): linear warmup to ``base_lr``, then cosine to
     ``min_lr_ratio * base_lr`` at ``config.steps`` (or constant). Warmup starts at base_lr/warmup,
     not 0, so the first update is not wasted."""
@@ -115,7 +134,9 @@ def learning_rate(step: int, config: TrainConfig, base_lr: float | None = None) 
 
 def _torch_seed(seed: int, step: int, rank: int) -> int:
     # A separate SeedSequence stream (the trailing 1) from the data rng default_rng([seed, step, rank]).
-    state = np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, dtype=np.uint64)
+    state = np.random.SeedSequence([seed, step, rank, 1]).generate_state(
+        1, dtype=np.uint64
+    )
     return int(state[0]) & ((1 << 63) - 1)
 
 
@@ -129,7 +150,11 @@ class _FallbackEMA:
         self.model = model
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
+        self.shadow = {
+            k: v.detach().clone()
+            for k, v in model.state_dict().items()
+            if isinstance(v, Tensor)
+        }
 
     @torch.no_grad()
     def update(self) -> None:
@@ -144,7 +169,11 @@ class _FallbackEMA:
                 s.copy_(v)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+        return {
+            "decay": self.decay,
+            "num_updates": self.num_updates,
+            "shadow": dict(self.shadow),
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -201,7 +230,9 @@ class Trainer:
         param_groups: Callable[[nn.Module], Iterable[dict[str, Any]]] | None = None,
     ):
         if not callable(getattr(model, "loss", None)):
-            raise TypeError(f"{type(model).__name__} has no loss(batch) method; the Trainer trains modules with one")
+            raise TypeError(
+                f"{type(model).__name__} has no loss(batch) method; the Trainer trains modules with one"
+            )
         if isinstance(config, Mapping):
             config = TrainConfig.from_dict(config)
         self.config = config
@@ -216,12 +247,18 @@ class Trainer:
         self.is_main = self.rank == 0
         self.model = model.to(self.device)
 
-        groups = list(param_groups(self.model)) if param_groups is not None else [
-            {"params": [p for p in self.model.parameters() if p.requires_grad]}
-        ]
+        groups = (
+            list(param_groups(self.model))
+            if param_groups is not None
+            else [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
+        )
         fused = self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(
-            groups, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay, fused=fused or None
+            groups,
+            lr=config.lr,
+            betas=config.betas,
+            weight_decay=config.weight_decay,
+            fused=fused or None,
         )
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
@@ -257,17 +294,25 @@ class Trainer:
         try:
             if resume:
                 self._resume()
-            elif self.out_dir is not None and latest_checkpoint(self.out_dir) is not None:
+            elif (
+                self.out_dir is not None and latest_checkpoint(self.out_dir) is not None
+            ):
                 raise FileExistsError(
                     f"{self.out_dir} already holds checkpoints (latest {latest_checkpoint(self.out_dir).name}); "
                     "pass resume=True to continue that run, or use another out_dir"
                 )
-            log = _RunLog(self.out_dir, self.step, resume) if (self.is_main and self.out_dir is not None) else None
+            log = (
+                _RunLog(self.out_dir, self.step, resume)
+                if (self.is_main and self.out_dir is not None)
+                else None
+            )
             bar = None
             if self.is_main and cfg.progress and self.step < cfg.steps:
                 from tqdm import tqdm
 
-                bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, desc="train")
+                bar = tqdm(
+                    total=cfg.steps, initial=self.step, dynamic_ncols=True, desc="train"
+                )
             try:
                 self._loop(log, bar)
             finally:
@@ -295,10 +340,15 @@ class Trainer:
             for g in self.optimizer.param_groups:
                 g["lr"] = learning_rate(step, cfg, g["base_lr"])
             torch.manual_seed(_torch_seed(cfg.seed, step, self.rank))
-            batch = _to_device(self.batches(step, np.random.default_rng([cfg.seed, step, self.rank])), self.device)
+            batch = _to_device(
+                self.batches(step, np.random.default_rng([cfg.seed, step, self.rank])),
+                self.device,
+            )
 
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=self._bf16
+            ):
                 out = self._loss_fn(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             loss.backward()
@@ -327,19 +377,28 @@ class Trainer:
                 if not math.isfinite(mean_loss):
                     raise FloatingPointError(f"loss is {mean_loss} at step {self.step}")
                 now = time.perf_counter()
-                row = {"step": self.step, "loss": mean_loss, "lr": lr, "it/s": n_acc / max(now - t_last, 1e-9),
-                       "grad_norm": (acc_grad / n_acc).item()}
+                row = {
+                    "step": self.step,
+                    "loss": mean_loss,
+                    "lr": lr,
+                    "it/s": n_acc / max(now - t_last, 1e-9),
+                    "grad_norm": (acc_grad / n_acc).item(),
+                }
                 row.update({k: float(v) / n_acc for k, v in acc_logs.items()})
                 if log is not None:
                     log.write(row)
                 if bar is not None:
-                    bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.2e}", refresh=False)
+                    bar.set_postfix(
+                        loss=f"{mean_loss:.4g}", lr=f"{lr:.2e}", refresh=False
+                    )
                 acc_loss.zero_()
                 acc_grad.zero_()
                 acc_logs.clear()
                 n_acc, t_last = 0, now
 
-            if self.out_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
+            if self.out_dir is not None and (
+                self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
+            ):
                 self.save()
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -351,7 +410,9 @@ class Trainer:
         path = self.out_dir / CHECKPOINTS_SUBDIR / step_dir_name(self.step)
         if self.is_main:
             model_state, optimizer_tensors, trainer_state = self._checkpoint_state()
-            save_checkpoint(path, model_state, self.run_config, optimizer_tensors, trainer_state)
+            save_checkpoint(
+                path, model_state, self.run_config, optimizer_tensors, trainer_state
+            )
             if self.config.keep_last > 0:
                 for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -359,11 +420,15 @@ class Trainer:
         dist_.barrier()
         return path if self.is_main else None
 
-    def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    def _checkpoint_state(
+        self,
+    ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         raw = _clone_state(self.model.state_dict())
         self.ema.copy_to(self.model)
         ema_weights = _clone_state(self.model.state_dict())
-        self.model.load_state_dict(raw)  # copies back in place: the optimizer keeps its params
+        self.model.load_state_dict(
+            raw
+        )  # copies back in place: the optimizer keeps its params
 
         tensors: dict[str, Any] = {f"params.{k}": v for k, v in raw.items()}
         ema_skeleton = _split_tensors(self.ema.state_dict(), "ema", tensors)
@@ -380,7 +445,10 @@ class Trainer:
                 "data_rng": "numpy.random.default_rng([seed, step, rank])",
                 "torch_seed": "numpy.random.SeedSequence([seed, step, rank, 1]).generate_state(1, uint64) & (2**63-1)",
             },
-            "optimizer": {"class": type(self.optimizer).__name__, "param_groups": opt["param_groups"]},
+            "optimizer": {
+                "class": type(self.optimizer).__name__,
+                "param_groups": opt["param_groups"],
+            },
             "ema": ema_skeleton,
             "config": self.config.to_dict(),
         }
@@ -391,29 +459,43 @@ class Trainer:
             raise ValueError("resume=True needs an out_dir to find checkpoints in")
         path = latest_checkpoint(self.out_dir)
         if path is None:
-            warnings.warn(f"resume=True but {self.out_dir} has no checkpoints; starting from step 0", stacklevel=3)
+            warnings.warn(
+                f"resume=True but {self.out_dir} has no checkpoints; starting from step 0",
+                stacklevel=3,
+            )
             return
         ckpt = load_checkpoint(path)
         if ckpt.optimizer_tensors is None or ckpt.trainer_state is None:
-            raise CheckpointError(f"{path}: no optimizer.safetensors / trainer_state.json, so it cannot be resumed")
+            raise CheckpointError(
+                f"{path}: no optimizer.safetensors / trainer_state.json, so it cannot be resumed"
+            )
         ts, tensors = ckpt.trainer_state, ckpt.optimizer_tensors
         if ts.get("format") != _TRAINER_STATE_FORMAT:
-            raise CheckpointError(f"{path / 'trainer_state.json'}: unknown format {ts.get('format')!r}")
+            raise CheckpointError(
+                f"{path / 'trainer_state.json'}: unknown format {ts.get('format')!r}"
+            )
         if ts.get("world_size", 1) != self.world_size:
             warnings.warn(
                 f"resuming a run trained on {ts.get('world_size')} processes with {self.world_size}: "
-                "the data order changes from here on", stacklevel=3,
+                "the data order changes from here on",
+                stacklevel=3,
             )
-        raw = {k[len("params."):]: v for k, v in tensors.items() if k.startswith("params.")}
+        raw = {
+            k[len("params.") :]: v
+            for k, v in tensors.items()
+            if k.startswith("params.")
+        }
         try:
             self.model.load_state_dict(raw)
         except RuntimeError as e:
-            raise CheckpointError(f"{path / 'optimizer.safetensors'}: params do not fit the model: {e}") from e
+            raise CheckpointError(
+                f"{path / 'optimizer.safetensors'}: params do not fit the model: {e}"
+            ) from e
 
         opt_state: dict[int, dict[str, Any]] = {}
         for k, v in tensors.items():
             if k.startswith("opt."):
-                index, key = k[len("opt."):].split(".", 1)
+                index, key = k[len("opt.") :].split(".", 1)
                 opt_state.setdefault(int(index), {})[key] = v
         groups = ts["optimizer"]["param_groups"]
         if len(groups) != len(self.optimizer.param_groups):
@@ -428,9 +510,13 @@ class Trainer:
         try:
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         except (ValueError, KeyError) as e:
-            raise CheckpointError(f"{path / 'optimizer.safetensors'}: optimizer state does not fit: {e}") from e
+            raise CheckpointError(
+                f"{path / 'optimizer.safetensors'}: optimizer state does not fit: {e}"
+            ) from e
 
-        ema_tensors = {k: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
+        ema_tensors = {
+            k: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")
+        }
         self.ema.load_state_dict(_join_tensors(ts["ema"], ema_tensors))
         self.step = int(ts["step"])
         self._last_saved_step = self.step
@@ -455,7 +541,10 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
     import copy
 
-    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
+    return {
+        k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
+        for k, v in state.items()
+    }
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:
@@ -516,7 +605,11 @@ class _RunLog:
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = list(reader.fieldnames or []) or None
-                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
+                rows = [
+                    r
+                    for r in reader
+                    if r.get("step", "").isdigit() and int(r["step"]) <= start_step
+                ]
             if self.fieldnames:
                 with open(self.csv_path, "w", newline="") as f:
                     w = csv.DictWriter(f, self.fieldnames)
@@ -528,14 +621,19 @@ class _RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if resume else None)
+            self.tb = SummaryWriter(
+                str(out_dir / "tb"), purge_step=start_step + 1 if resume else None
+            )
         except ImportError:
-            warnings.warn("tensorboard is not installed; logging to log.csv only", stacklevel=2)
+            warnings.warn(
+                "tensorboard is not installed; logging to log.csv only", stacklevel=2
+            )
 
     def write(self, row: dict[str, Any]) -> None:
         if self.fieldnames is None:
-            self.fieldnames = ["step", "loss", "lr", "it/s", "grad_norm"] + sorted(set(row) - {
-                "step", "loss", "lr", "it/s", "grad_norm"})
+            self.fieldnames = ["step", "loss", "lr", "it/s", "grad_norm"] + sorted(
+                set(row) - {"step", "loss", "lr", "it/s", "grad_norm"}
+            )
             with open(self.csv_path, "w", newline="") as f:
                 csv.DictWriter(f, self.fieldnames).writeheader()
         with open(self.csv_path, "a", newline="") as f:
