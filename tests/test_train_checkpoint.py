@@ -29,9 +29,7 @@ def _state():
 def test_round_trip_keeps_every_tensor_dtype_and_non_tensor_entries(tmp_path):
     state = _state()
     config = {"policy": "bc", "train": {"lr": 1e-3, "betas": (0.9, 0.99)}}
-    save_checkpoint(
-        tmp_path / "ck", state, config, {"opt.0.exp_avg": torch.ones(3)}, {"step": 3}
-    )
+    save_checkpoint(tmp_path / "ck", state, config, {"opt.0.exp_avg": torch.ones(3)}, {"step": 3})
     ck = load_checkpoint(tmp_path / "ck")
     assert set(ck.model_state) == set(state)
     for k in ("w", "half", "count", "mask"):
@@ -43,9 +41,7 @@ def test_round_trip_keeps_every_tensor_dtype_and_non_tensor_entries(tmp_path):
     assert ck.trainer_state == {"step": 3}
     assert ck.path == tmp_path / "ck"
     # model.safetensors is a plain safetensors file any loader reads.
-    assert torch.equal(
-        load_file(str(tmp_path / "ck" / "model.safetensors"))["w"], state["w"]
-    )
+    assert torch.equal(load_file(str(tmp_path / "ck" / "model.safetensors"))["w"], state["w"])
 
 
 def test_inference_only_checkpoint_has_no_optimizer_state(tmp_path):
@@ -69,37 +65,27 @@ def test_run_folder_resolves_to_latest_step_and_ignores_partial_writes(tmp_path)
     (partial / "model.safetensors").write_bytes(b"\x10\x00\x00")
     assert latest_checkpoint(run) == run / "checkpoints" / "step-00000020"
     ck = load_checkpoint(run)
-    assert ck.config == {"s": 20} and torch.equal(
-        ck.model_state["w"], torch.full((2,), 20.0)
-    )
+    assert ck.config == {"s": 20} and torch.equal(ck.model_state["w"], torch.full((2,), 20.0))
     assert latest_checkpoint(tmp_path / "nothing-here") is None
 
 
-def test_writer_failing_midway_leaves_previous_checkpoint_loadable(
-    tmp_path, monkeypatch
-):
+def test_writer_failing_midway_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     run = tmp_path / "run"
-    save_checkpoint(
-        run / "checkpoints" / "step-00000010", {"w": torch.ones(3)}, {"s": 10}
-    )
+    save_checkpoint(run / "checkpoints" / "step-00000010", {"w": torch.ones(3)}, {"s": 10})
 
     real_write = ckpt_mod._write_file
     calls = []
 
     def dying_write(path, data):
         calls.append(path.name)
-        if (
-            len(calls) == 2
-        ):  # model.safetensors written, then the process "dies" on config.yaml
+        if len(calls) == 2:  # model.safetensors written, then the process "dies" on config.yaml
             path.write_bytes(data[: len(data) // 2])
             raise OSError("disk died")
         real_write(path, data)
 
     monkeypatch.setattr(ckpt_mod, "_write_file", dying_write)
     with pytest.raises(OSError, match="disk died"):
-        save_checkpoint(
-            run / "checkpoints" / "step-00000020", {"w": torch.zeros(3)}, {"s": 20}
-        )
+        save_checkpoint(run / "checkpoints" / "step-00000020", {"w": torch.zeros(3)}, {"s": 20})
     assert not (run / "checkpoints" / "step-00000020").exists()
     assert latest_checkpoint(run) == run / "checkpoints" / "step-00000010"
     assert load_checkpoint(run).config == {"s": 10}
@@ -107,38 +93,24 @@ def test_writer_failing_midway_leaves_previous_checkpoint_loadable(
 
 def test_rewriting_a_checkpoint_keeps_files_it_does_not_own(tmp_path):
     ck = tmp_path / "ck"
-    save_checkpoint(
-        ck, {"w": torch.ones(1)}, {"v": 1}, {"params.w": torch.ones(1)}, {"step": 1}
-    )
+    save_checkpoint(ck, {"w": torch.ones(1)}, {"v": 1}, {"params.w": torch.ones(1)}, {"step": 1})
     (ck / "metrics.json").write_text(json.dumps({"score": 0.5}))
     save_checkpoint(ck, {"w": torch.zeros(1)}, {"v": 2})
     assert json.loads((ck / "metrics.json").read_text()) == {"score": 0.5}
     loaded = load_checkpoint(ck)
-    assert loaded.config == {"v": 2} and torch.equal(
-        loaded.model_state["w"], torch.zeros(1)
-    )
-    assert (
-        loaded.optimizer_tensors is None
-    )  # stale resume state is not carried into the new folder
+    assert loaded.config == {"v": 2} and torch.equal(loaded.model_state["w"], torch.zeros(1))
+    assert loaded.optimizer_tensors is None  # stale resume state is not carried into the new folder
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty"])
-def test_damaged_model_safetensors_raises_checkpoint_error_naming_the_file(
-    tmp_path, damage
-):
+def test_damaged_model_safetensors_raises_checkpoint_error_naming_the_file(tmp_path, damage):
     ck = tmp_path / "ck"
     save_checkpoint(ck, {"w": torch.randn(64, 64)}, {"v": 1})
     f = ck / "model.safetensors"
     data = f.read_bytes()
-    f.write_bytes(
-        {"truncate": data[: len(data) - 100], "garbage": b"\xff" * 64, "empty": b""}[
-            damage
-        ]
-    )
-    with pytest.raises(
-        CheckpointError, match=r"model\.safetensors.*(corrupt|truncated)"
-    ):
+    f.write_bytes({"truncate": data[: len(data) - 100], "garbage": b"\xff" * 64, "empty": b""}[damage])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*(corrupt|truncated)"):
         load_checkpoint(ck)
 
 

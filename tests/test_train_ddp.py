@@ -22,9 +22,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(
-    not torch.distributed.is_available(), reason="torch.distributed not built"
-)
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
 def test_two_process_gloo_run_keeps_ranks_identical_and_writes_one_checkpoint(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env.pop("WORLD_SIZE", None)
@@ -58,9 +56,7 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_writes_one_checkpoint(tm
     r0 = load_file(str(tmp_path / "rank0.safetensors"))
     r1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert set(r0) == set(r1)
-    for k in (
-        r0
-    ):  # started from different inits; DDP broadcast and all-reduce keep them equal
+    for k in r0:  # started from different inits; DDP broadcast and all-reduce keep them equal
         assert torch.equal(r0[k], r1[k]), k
     for name, value in ck.model_state.items():
         assert torch.equal(value, r0[f"model.{name}"]), name

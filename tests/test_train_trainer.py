@@ -24,9 +24,7 @@ class Toy(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         torch.manual_seed(seed)
-        self.net = nn.Sequential(
-            nn.Linear(3, 16), nn.Dropout(0.1), nn.Mish(), nn.Linear(16, 2)
-        )
+        self.net = nn.Sequential(nn.Linear(3, 16), nn.Dropout(0.1), nn.Mish(), nn.Linear(16, 2))
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
 
     def loss(self, batch):
@@ -75,9 +73,7 @@ def _assert_same_tensors(a, b):
 def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path):
     torch.set_num_threads(1)
     cfg = _cfg()
-    straight = Trainer(
-        Toy(), batches, cfg, tmp_path / "a", run_config={"policy": "toy"}
-    ).fit()
+    straight = Trainer(Toy(), batches, cfg, tmp_path / "a", run_config={"policy": "toy"}).fit()
 
     class Killed(Exception):
         pass
@@ -88,43 +84,31 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
         return batches(step, rng)
 
     with pytest.raises(Killed):
-        Trainer(
-            Toy(), dies_at_16, cfg, tmp_path / "b", run_config={"policy": "toy"}
-        ).fit()
+        Trainer(Toy(), dies_at_16, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit()
     assert latest_checkpoint(tmp_path / "b").name == "step-00000010"
 
     # A differently initialized model: everything must come from the checkpoint.
-    resumed = Trainer(
-        Toy(seed=7), batches, cfg, tmp_path / "b", run_config={"policy": "toy"}
-    ).fit(resume=True)
+    resumed = Trainer(Toy(seed=7), batches, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit(
+        resume=True
+    )
 
     a = load_checkpoint(tmp_path / "a")
     b = load_checkpoint(tmp_path / "b")
     assert a.path.name == b.path.name == "step-00000020"
     _assert_same_tensors(a.model_state, b.model_state)  # EMA weights
-    _assert_same_tensors(
-        a.optimizer_tensors, b.optimizer_tensors
-    )  # raw params, EMA, Adam moments
+    _assert_same_tensors(a.optimizer_tensors, b.optimizer_tensors)  # raw params, EMA, Adam moments
     assert a.trainer_state == b.trainer_state
     _assert_same_tensors(straight.state_dict(), resumed.state_dict())
-    assert any(
-        k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in a.optimizer_tensors
-    )
-    assert (
-        a.model_state["calls"].dtype == torch.long and int(a.model_state["calls"]) == 20
-    )
+    assert any(k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in a.optimizer_tensors)
+    assert a.model_state["calls"].dtype == torch.long and int(a.model_state["calls"]) == 20
     # The crashed run's log rows past step 10 are dropped and replayed once.
     assert [int(r["step"]) for r in _read_log(tmp_path / "b")] == [5, 10, 15, 20]
-    assert [r["loss"] for r in _read_log(tmp_path / "a")] == [
-        r["loss"] for r in _read_log(tmp_path / "b")
-    ]
+    assert [r["loss"] for r in _read_log(tmp_path / "a")] == [r["loss"] for r in _read_log(tmp_path / "b")]
 
 
 def test_checkpoint_folder_holds_inference_weights_config_and_resume_state(tmp_path):
     cfg = _cfg(steps=6, ckpt_every=2, keep_last=2)
-    Trainer(
-        Toy(), batches, cfg, tmp_path, run_config={"policy": "toy", "task": "t"}
-    ).fit()
+    Trainer(Toy(), batches, cfg, tmp_path, run_config={"policy": "toy", "task": "t"}).fit()
     dirs = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert dirs == ["step-00000004", "step-00000006"]  # keep_last=2
     ck = load_checkpoint(tmp_path)
@@ -136,11 +120,7 @@ def test_checkpoint_folder_holds_inference_weights_config_and_resume_state(tmp_p
             "train": cfg.to_dict(),
         }
     ts = ck.trainer_state
-    assert (
-        ts["step"] == 6
-        and ts["seeds"]["seed"] == cfg.seed
-        and ts["config"] == cfg.to_dict()
-    )
+    assert ts["step"] == 6 and ts["seeds"]["seed"] == cfg.seed and ts["config"] == cfg.to_dict()
     assert ts["optimizer"]["param_groups"][0]["betas"] == list(cfg.betas)
     assert {k.split(".")[0] for k in ck.optimizer_tensors} == {"params", "ema", "opt"}
     assert (tmp_path / "tb").is_dir()
@@ -169,18 +149,14 @@ def test_lr_warms_up_linearly_then_follows_cosine_to_the_floor():
     assert learning_rate(4, cfg) == pytest.approx(0.5)
     assert learning_rate(9, cfg) == pytest.approx(1.0)
     assert learning_rate(10, cfg) == pytest.approx(1.0)
-    assert learning_rate(35, cfg) == pytest.approx(
-        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4))
-    )
+    assert learning_rate(35, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert learning_rate(60, cfg) == pytest.approx(0.55)
     assert learning_rate(110, cfg) == pytest.approx(0.1)
     assert learning_rate(500, cfg) == pytest.approx(0.1)
     const = TrainConfig(steps=110, warmup_steps=10, lr=1.0, lr_schedule="constant")
     assert learning_rate(4, const) == pytest.approx(0.5)
     assert [learning_rate(s, const) for s in (10, 60, 109)] == [1.0, 1.0, 1.0]
-    assert learning_rate(
-        0, TrainConfig(warmup_steps=0, steps=10, lr=2.0)
-    ) == pytest.approx(2.0)
+    assert learning_rate(0, TrainConfig(warmup_steps=0, steps=10, lr=2.0)) == pytest.approx(2.0)
 
 
 def test_optimizer_uses_the_schedule_in_every_param_group(tmp_path):
@@ -198,12 +174,8 @@ def test_optimizer_uses_the_schedule_in_every_param_group(tmp_path):
 
     trainer = Trainer(Toy(), batches, cfg, tmp_path, param_groups=groups)
     trainer.fit()
-    for row in _read_log(
-        tmp_path
-    ):  # row k logs the lr of the k-th update (0-based step k-1)
-        assert float(row["lr"]) == pytest.approx(
-            learning_rate(int(row["step"]) - 1, cfg)
-        )
+    for row in _read_log(tmp_path):  # row k logs the lr of the k-th update (0-based step k-1)
+        assert float(row["lr"]) == pytest.approx(learning_rate(int(row["step"]) - 1, cfg))
     last = learning_rate(cfg.steps - 1, cfg)
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(last)
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(0.1 * last)
@@ -223,34 +195,20 @@ def test_gradients_are_clipped_to_the_configured_norm(clip):
     model = Steep()
     Trainer(model, lambda s, r: {}, _cfg(steps=1, grad_clip=clip), None).fit()
     raw_norm = 1e3 * 2 * 3.0 * math.sqrt(10)
-    assert model.w.grad.norm().item() == pytest.approx(
-        clip if clip is not None else raw_norm, rel=1e-5
-    )
+    assert model.w.grad.norm().item() == pytest.approx(clip if clip is not None else raw_norm, rel=1e-5)
 
 
 def test_model_safetensors_holds_ema_weights_not_raw_weights(tmp_path):
-    returned = Trainer(
-        Toy(), batches, _cfg(steps=8, ema_decay=0.9), tmp_path / "ema"
-    ).fit()
+    returned = Trainer(Toy(), batches, _cfg(steps=8, ema_decay=0.9), tmp_path / "ema").fit()
     ck = load_checkpoint(tmp_path / "ema")
-    raw = {
-        k[len("params.") :]: v
-        for k, v in ck.optimizer_tensors.items()
-        if k.startswith("params.")
-    }
+    raw = {k[len("params.") :]: v for k, v in ck.optimizer_tensors.items() if k.startswith("params.")}
     ema_keys = [k for k in ck.optimizer_tensors if k.startswith("ema.")]
     assert set(raw) == set(ck.model_state)
     for name, value in ck.model_state.items():
-        assert torch.equal(
-            value, returned.state_dict()[name]
-        )  # fit() returns the EMA weights
+        assert torch.equal(value, returned.state_dict()[name])  # fit() returns the EMA weights
         if value.is_floating_point():
             assert not torch.equal(value, raw[name]), name
-            assert any(
-                torch.equal(value, ck.optimizer_tensors[k])
-                for k in ema_keys
-                if k.endswith(name)
-            )
+            assert any(torch.equal(value, ck.optimizer_tensors[k]) for k in ema_keys if k.endswith(name))
 
     # With decay 0 the average is the latest raw model.
     Trainer(Toy(), batches, _cfg(steps=8, ema_decay=0.0), tmp_path / "no-ema").fit()
@@ -267,6 +225,17 @@ def test_config_rejects_unknown_keys_by_name_and_round_trips_through_yaml():
     cfg = TrainConfig(steps=7, betas=(0.8, 0.9), grad_clip=None)
     again = TrainConfig.from_dict(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
     assert again == cfg and again.betas == (0.8, 0.9)
+
+
+def test_config_reads_yaml_exponent_strings_and_names_bad_values():
+    cfg = TrainConfig.from_dict(yaml.safe_load("lr: 2e-4\nsteps: 1e3\n"))  # YAML 1.1: both strings
+    assert cfg.lr == 2e-4 and cfg.steps == 1000 and isinstance(cfg.steps, int)
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps="lots")
+    with pytest.raises(ValueError, match="warmup_steps"):
+        TrainConfig(warmup_steps=2.5)
+    with pytest.raises(ValueError, match="bf16"):
+        TrainConfig(bf16="yes")
 
 
 def test_model_without_loss_is_rejected():

@@ -181,9 +181,7 @@ def _encode_safetensors(state: dict[str, Any], filename: str) -> bytes:
 
 def _encode_yaml(config: dict[str, Any]) -> bytes:
     if not isinstance(config, dict):
-        raise TypeError(
-            f"{CONFIG_FILE}: config must be a dict, got {type(config).__name__}"
-        )
+        raise TypeError(f"{CONFIG_FILE}: config must be a dict, got {type(config).__name__}")
     return yaml.safe_dump(_to_plain(config, CONFIG_FILE), sort_keys=False).encode()
 
 
@@ -201,9 +199,7 @@ def _to_plain(obj: Any, where: str) -> Any:
         return [_to_plain(v, where) for v in obj]
     if isinstance(obj, os.PathLike):
         return os.fspath(obj)
-    if (
-        hasattr(obj, "item") and getattr(obj, "ndim", None) == 0
-    ):  # numpy / torch scalars
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
         return obj.item()
     if hasattr(obj, "tolist"):
         return obj.tolist()
@@ -241,9 +237,7 @@ def load_checkpoint(dir: str | os.PathLike) -> Checkpoint:
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint folder does not exist")
     if not path.is_dir():
-        raise CheckpointError(
-            f"{path}: not a folder (a checkpoint is a folder holding {MODEL_FILE})"
-        )
+        raise CheckpointError(f"{path}: not a folder (a checkpoint is a folder holding {MODEL_FILE})")
     if not (path / MODEL_FILE).exists() and not (path / CONFIG_FILE).exists():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -264,9 +258,7 @@ def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise CheckpointError(
-            f"{path}: missing from checkpoint folder {path.parent}"
-        ) from None
+        raise CheckpointError(f"{path}: missing from checkpoint folder {path.parent}") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e})") from e
 
@@ -280,9 +272,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         extra = metadata.get(_NON_TENSOR_KEY)
         if extra is not None:
             state.update(json.loads(extra))
-    except (
-        Exception
-    ) as e:  # safetensors raises its own SafetensorError; re-raise with the path
+    except Exception as e:  # safetensors raises its own SafetensorError; re-raise with the path
         raise CheckpointError(
             f"{path}: corrupt or truncated safetensors file ({len(data)} bytes): {e}"
         ) from e
@@ -298,9 +288,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if config is None:
         config = {}
     if not isinstance(config, dict):
-        raise CheckpointError(
-            f"{path}: expected a mapping at the top level, got {type(config).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected a mapping at the top level, got {type(config).__name__}")
     return config
 
 
@@ -311,7 +299,5 @@ def _read_json(path: Path) -> dict[str, Any]:
     except ValueError as e:
         raise CheckpointError(f"{path}: invalid JSON: {e}") from e
     if not isinstance(state, dict):
-        raise CheckpointError(
-            f"{path}: expected a JSON object, got {type(state).__name__}"
-        )
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}")
     return state

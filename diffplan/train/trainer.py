@@ -51,9 +51,7 @@ _TRAINER_STATE_FORMAT = "diffplan.trainer/1"
 @dataclass
 class TrainConfig:
     steps: int = 100_000
-    batch_size: int = (
-        32  # per process; read by the caller's `batches` function, not by the loop
-    )
+    batch_size: int = 32  # per process; read by the caller's `batches` function, not by the loop
     lr: float = 2e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -70,34 +68,46 @@ class TrainConfig:
     bf16: bool = True  # bf16 autocast on CUDA; ignored on CPU
     device: str = "cpu"
     progress: bool = True
-    ddp_find_unused: bool = (
-        False  # DDP find_unused_parameters, for losses that skip some params
-    )
+    ddp_find_unused: bool = False  # DDP find_unused_parameters, for losses that skip some params
 
     def __post_init__(self) -> None:
-        self.betas = tuple(float(b) for b in self.betas)
+        # YAML 1.1 reads `2e-4` and `1e5` as strings; accept them, and name the field otherwise.
+        for name in (
+            "steps",
+            "batch_size",
+            "warmup_steps",
+            "ema_every",
+            "seed",
+            "log_every",
+            "ckpt_every",
+            "keep_last",
+        ):
+            setattr(self, name, _as_number(self, name, int))
+        for name in ("lr", "weight_decay", "min_lr_ratio", "ema_decay"):
+            setattr(self, name, _as_number(self, name, float))
+        if self.grad_clip is not None:
+            self.grad_clip = _as_number(self, "grad_clip", float)
+        for name in ("bf16", "progress", "ddp_find_unused"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
+        try:
+            self.betas = tuple(float(b) for b in self.betas)
+        except (TypeError, ValueError):
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}") from None
         if len(self.betas) != 2:
-            raise ValueError(
-                f"TrainConfig.betas must have two values, got {self.betas}"
-            )
+            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ValueError(
                 f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
             )
         for name in ("steps", "warmup_steps", "seed", "keep_last"):
             if getattr(self, name) < 0:
-                raise ValueError(
-                    f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}"
-                )
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "ema_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(
-                    f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}"
-                )
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(
-                f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}"
-            )
+            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -115,9 +125,22 @@ class TrainConfig:
         return d
 
 
-def learning_rate(
-    step: int, config: TrainConfig, base_lr: float | None = None
-) -> float:
+def _as_number(config: TrainConfig, name: str, kind: type) -> Any:
+    value = getattr(config, name)
+    if isinstance(value, bool):
+        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")  # noqa: TRY004
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}") from None
+    if kind is int:
+        if not number.is_integer():
+            raise ValueError(f"TrainConfig.{name} must be a whole number, got {value!r}")
+        return int(number)
+    return number
+
+
+def learning_rate(step: int, config: TrainConfig, base_lr: float | None = None) -> float:
     """LR for the update made at ``step`` (0-based): linear warmup to ``base_lr``, then cosine to
     ``min_lr_ratio * base_lr`` at ``config.steps`` (or constant). Warmup starts at base_lr/warmup,
     not 0, so the first update is not wasted."""
@@ -134,9 +157,7 @@ def learning_rate(
 
 def _torch_seed(seed: int, step: int, rank: int) -> int:
     # A separate SeedSequence stream (the trailing 1) from the data rng default_rng([seed, step, rank]).
-    state = np.random.SeedSequence([seed, step, rank, 1]).generate_state(
-        1, dtype=np.uint64
-    )
+    state = np.random.SeedSequence([seed, step, rank, 1]).generate_state(1, dtype=np.uint64)
     return int(state[0]) & ((1 << 63) - 1)
 
 
@@ -150,11 +171,7 @@ class _FallbackEMA:
         self.model = model
         self.decay = decay
         self.num_updates = 0
-        self.shadow = {
-            k: v.detach().clone()
-            for k, v in model.state_dict().items()
-            if isinstance(v, Tensor)
-        }
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, Tensor)}
 
     @torch.no_grad()
     def update(self) -> None:
@@ -294,9 +311,7 @@ class Trainer:
         try:
             if resume:
                 self._resume()
-            elif (
-                self.out_dir is not None and latest_checkpoint(self.out_dir) is not None
-            ):
+            elif self.out_dir is not None and latest_checkpoint(self.out_dir) is not None:
                 raise FileExistsError(
                     f"{self.out_dir} already holds checkpoints (latest {latest_checkpoint(self.out_dir).name}); "
                     "pass resume=True to continue that run, or use another out_dir"
@@ -310,9 +325,7 @@ class Trainer:
             if self.is_main and cfg.progress and self.step < cfg.steps:
                 from tqdm import tqdm
 
-                bar = tqdm(
-                    total=cfg.steps, initial=self.step, dynamic_ncols=True, desc="train"
-                )
+                bar = tqdm(total=cfg.steps, initial=self.step, dynamic_ncols=True, desc="train")
             try:
                 self._loop(log, bar)
             finally:
@@ -346,9 +359,7 @@ class Trainer:
             )
 
             self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=self._bf16
-            ):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
                 out = self._loss_fn(batch)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             loss.backward()
@@ -388,17 +399,13 @@ class Trainer:
                 if log is not None:
                     log.write(row)
                 if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{mean_loss:.4g}", lr=f"{lr:.2e}", refresh=False
-                    )
+                    bar.set_postfix(loss=f"{mean_loss:.4g}", lr=f"{lr:.2e}", refresh=False)
                 acc_loss.zero_()
                 acc_grad.zero_()
                 acc_logs.clear()
                 n_acc, t_last = 0, now
 
-            if self.out_dir is not None and (
-                self.step % cfg.ckpt_every == 0 or self.step == cfg.steps
-            ):
+            if self.out_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                 self.save()
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -410,9 +417,7 @@ class Trainer:
         path = self.out_dir / CHECKPOINTS_SUBDIR / step_dir_name(self.step)
         if self.is_main:
             model_state, optimizer_tensors, trainer_state = self._checkpoint_state()
-            save_checkpoint(
-                path, model_state, self.run_config, optimizer_tensors, trainer_state
-            )
+            save_checkpoint(path, model_state, self.run_config, optimizer_tensors, trainer_state)
             if self.config.keep_last > 0:
                 for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
@@ -426,9 +431,7 @@ class Trainer:
         raw = _clone_state(self.model.state_dict())
         self.ema.copy_to(self.model)
         ema_weights = _clone_state(self.model.state_dict())
-        self.model.load_state_dict(
-            raw
-        )  # copies back in place: the optimizer keeps its params
+        self.model.load_state_dict(raw)  # copies back in place: the optimizer keeps its params
 
         tensors: dict[str, Any] = {f"params.{k}": v for k, v in raw.items()}
         ema_skeleton = _split_tensors(self.ema.state_dict(), "ema", tensors)
@@ -471,20 +474,14 @@ class Trainer:
             )
         ts, tensors = ckpt.trainer_state, ckpt.optimizer_tensors
         if ts.get("format") != _TRAINER_STATE_FORMAT:
-            raise CheckpointError(
-                f"{path / 'trainer_state.json'}: unknown format {ts.get('format')!r}"
-            )
+            raise CheckpointError(f"{path / 'trainer_state.json'}: unknown format {ts.get('format')!r}")
         if ts.get("world_size", 1) != self.world_size:
             warnings.warn(
                 f"resuming a run trained on {ts.get('world_size')} processes with {self.world_size}: "
                 "the data order changes from here on",
                 stacklevel=3,
             )
-        raw = {
-            k[len("params.") :]: v
-            for k, v in tensors.items()
-            if k.startswith("params.")
-        }
+        raw = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
         try:
             self.model.load_state_dict(raw)
         except RuntimeError as e:
@@ -514,9 +511,7 @@ class Trainer:
                 f"{path / 'optimizer.safetensors'}: optimizer state does not fit: {e}"
             ) from e
 
-        ema_tensors = {
-            k: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")
-        }
+        ema_tensors = {k: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
         self.ema.load_state_dict(_join_tensors(ts["ema"], ema_tensors))
         self.step = int(ts["step"])
         self._last_saved_step = self.step
@@ -541,10 +536,7 @@ def _to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]
 def _clone_state(state: Mapping[str, Any]) -> dict[str, Any]:
     import copy
 
-    return {
-        k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v)
-        for k, v in state.items()
-    }
+    return {k: v.detach().clone() if isinstance(v, Tensor) else copy.deepcopy(v) for k, v in state.items()}
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, Tensor]) -> Any:
@@ -605,11 +597,7 @@ class _RunLog:
             with open(self.csv_path, newline="") as f:
                 reader = csv.DictReader(f)
                 self.fieldnames = list(reader.fieldnames or []) or None
-                rows = [
-                    r
-                    for r in reader
-                    if r.get("step", "").isdigit() and int(r["step"]) <= start_step
-                ]
+                rows = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= start_step]
             if self.fieldnames:
                 with open(self.csv_path, "w", newline="") as f:
                     w = csv.DictWriter(f, self.fieldnames)
@@ -621,13 +609,9 @@ class _RunLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(
-                str(out_dir / "tb"), purge_step=start_step + 1 if resume else None
-            )
+            self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if resume else None)
         except ImportError:
-            warnings.warn(
-                "tensorboard is not installed; logging to log.csv only", stacklevel=2
-            )
+            warnings.warn("tensorboard is not installed; logging to log.csv only", stacklevel=2)
 
     def write(self, row: dict[str, Any]) -> None:
         if self.fieldnames is None:
