@@ -2,6 +2,8 @@
 
 import csv
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -86,6 +88,12 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
     with pytest.raises(Killed):
         Trainer(Toy(), dies_at_16, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit()
     assert latest_checkpoint(tmp_path / "b").name == "step-00000010"
+    # A writer killed mid-checkpoint (its pid is gone) leaves a hidden partial folder behind.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    partial = tmp_path / "b" / "checkpoints" / f".tmp-step-00000015-{dead.pid}"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\x00" * 5)
 
     # A differently initialized model: everything must come from the checkpoint.
     resumed = Trainer(Toy(seed=7), batches, cfg, tmp_path / "b", run_config={"policy": "toy"}).fit(
@@ -99,6 +107,7 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
     _assert_same_tensors(a.optimizer_tensors, b.optimizer_tensors)  # raw params, EMA, Adam moments
     assert a.trainer_state == b.trainer_state
     _assert_same_tensors(straight.state_dict(), resumed.state_dict())
+    assert not partial.exists()  # cleaned up by the resumed run
     assert any(k.startswith("opt.") and k.endswith(".exp_avg_sq") for k in a.optimizer_tensors)
     assert a.model_state["calls"].dtype == torch.long and int(a.model_state["calls"]) == 20
     # The crashed run's log rows past step 10 are dropped and replayed once.

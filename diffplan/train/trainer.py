@@ -297,7 +297,6 @@ class Trainer:
         self.ema = _ema_class()(self.model, config.ema_decay)
         self._bf16 = config.bf16 and self.device.type == "cuda"
         self.step = 0
-        self._last_saved_step: int | None = None
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -316,11 +315,10 @@ class Trainer:
                     f"{self.out_dir} already holds checkpoints (latest {latest_checkpoint(self.out_dir).name}); "
                     "pass resume=True to continue that run, or use another out_dir"
                 )
-            log = (
-                _RunLog(self.out_dir, self.step, resume)
-                if (self.is_main and self.out_dir is not None)
-                else None
-            )
+            log = None
+            if self.is_main and self.out_dir is not None:
+                _remove_stale_partials(self.out_dir / CHECKPOINTS_SUBDIR)
+                log = _RunLog(self.out_dir, self.step, resume)
             bar = None
             if self.is_main and cfg.progress and self.step < cfg.steps:
                 from tqdm import tqdm
@@ -421,7 +419,6 @@ class Trainer:
             if self.config.keep_last > 0:
                 for old in checkpoint_dirs(self.out_dir)[: -self.config.keep_last]:
                     shutil.rmtree(old, ignore_errors=True)
-        self._last_saved_step = self.step
         dist_.barrier()
         return path if self.is_main else None
 
@@ -514,7 +511,6 @@ class Trainer:
         ema_tensors = {k: v.to(self.device) for k, v in tensors.items() if k.startswith("ema.")}
         self.ema.load_state_dict(_join_tensors(ts["ema"], ema_tensors))
         self.step = int(ts["step"])
-        self._last_saved_step = self.step
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,7 +585,6 @@ class _RunLog:
 
     def __init__(self, out_dir: Path, start_step: int, resume: bool):
         out_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(out_dir / CHECKPOINTS_SUBDIR)
         self.csv_path = out_dir / "log.csv"
         self.fieldnames: list[str] | None = None
         if resume and self.csv_path.exists():
