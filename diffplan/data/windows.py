@@ -1,0 +1,198 @@
+"""Fixed-length training windows over an `OfflineDataset`.
+
+A window is H consecutive steps of one episode. Without padding it never runs past the episode's
+end, so an episode shorter than H gives no window. With padding every step can start a window;
+the part past the episode's end is filled in (Diffuser's ``use_padding``): observations repeat
+the last observation (or ``pad_obs_fn(last_obs, goal)``, e.g. the maze ``[goal_xy, 0, 0]``, which
+teaches "arrive, then rest"), actions and rewards are zero, other keys repeat their last value,
+and ``mask`` is 0 there.
+
+All index arithmetic is precomputed, so `sample` gathers a batch with one fancy index per key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+from diffplan.data.dataset import ARRAY_KEYS, DatasetError, OfflineDataset
+
+_OBS_KEYS = ("observations", "next_observations")
+_ZERO_PAD_KEYS = ("actions", "rewards")
+
+
+class SequenceWindows:
+    """Windows of `horizon` steps; ``len()`` windows, ``ds[i]`` one, ``sample(B, rng)`` a batch.
+
+    Output keys (shapes without the batch axis):
+        each of `keys`: (H, dim) float32 (1-D arrays such as rewards become (H, 1));
+        ``mask``: (H,) float32, 1 on real steps, 0 on padding;
+        ``returns_to_go``: (H, 1) if asked, discounted sum of rewards from each step to the end
+            of its episode (0 on padding);
+        ``value``: (1,) if asked, the discounted return from the window's first step to the
+            episode's end (Diffuser's value target);
+        ``goal``: (goal_dim,) if asked, the dataset goal at the window's first step.
+    `normalizers` maps array names (e.g. ``"observations"``, ``"goals"``) to fitted
+    normalizers; those arrays are normalized once, here, and every output built from them
+    (including ``goal`` for ``"goals"``) comes out normalized.
+    """
+
+    def __init__(self, dataset: OfflineDataset, horizon: int,
+                 keys: Sequence[str] = ("observations", "actions"), pad: bool = False,
+                 pad_obs_fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
+                 returns_to_go: bool = False, value: bool = False, discount: float = 0.99,
+                 goal: bool = False, normalizers: Mapping[str, object] | None = None):
+        if not isinstance(horizon, (int, np.integer)) or horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+        if isinstance(keys, str):
+            keys = (keys,)
+        for key in keys:
+            if key not in ARRAY_KEYS:
+                raise DatasetError(f"unknown window key '{key}'; choose from {', '.join(ARRAY_KEYS)}")
+            if getattr(dataset, key) is None:
+                raise DatasetError(f"window key '{key}' asked for, but the dataset has no {key}")
+        if goal and dataset.goals is None:
+            raise DatasetError("goal=True, but the dataset has no goals (not a goal-env dataset)")
+        if not 0.0 < discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {discount}")
+        normalizers = dict(normalizers or {})
+        for key in normalizers:
+            if key not in ARRAY_KEYS or getattr(dataset, key) is None:
+                raise DatasetError(f"normalizer given for '{key}', which is not an array of "
+                                   "this dataset")
+        self.dataset = dataset
+        self.horizon = int(horizon)
+        self.keys = tuple(keys)
+        self.pad = bool(pad)
+        self.discount = float(discount)
+        self.want_rtg, self.want_value, self.want_goal = returns_to_go, value, goal
+
+        starts, ends = dataset.episode_starts, dataset.episode_ends
+        lengths = ends - starts
+        # Window starts per episode: every step with padding, else those leaving H steps.
+        n_per_ep = lengths if pad else np.maximum(lengths - self.horizon + 1, 0)
+        ep_of_window = np.repeat(np.arange(len(starts)), n_per_ep)
+        first = np.repeat(starts - np.concatenate([[0], np.cumsum(n_per_ep)[:-1]]), n_per_ep)
+        self.starts = (np.arange(len(ep_of_window)) + first).astype(np.int64)  # (W,)
+        self.ends = ends[ep_of_window]                                         # (W,) exclusive
+        self.episode_of_window = ep_of_window
+        if len(self.starts) == 0:
+            raise DatasetError(
+                f"no window of horizon {self.horizon} fits: the longest episode has "
+                f"{int(lengths.max())} steps (use pad=True or a shorter horizon)")
+
+        # Source arrays, normalized once. Pad rows are built from raw data, then normalized.
+        self._arrays: dict[str, np.ndarray] = {}
+        needed = set(self.keys) | ({"goals"} if goal else set())
+        for key in needed:
+            arr = getattr(dataset, key)
+            arr = arr.reshape(len(arr), -1).astype(np.float32)
+            if key in normalizers:
+                arr = np.asarray(normalizers[key].normalize(arr), dtype=np.float32)
+            self._arrays[key] = arr
+        self._pad_rows: np.ndarray | None = None
+        if pad_obs_fn is not None and any(k in _OBS_KEYS for k in self.keys):
+            last = dataset.observations[ends - 1]
+            goals = dataset.goals[ends - 1] if dataset.goals is not None else [None] * len(ends)
+            rows = np.stack([np.asarray(pad_obs_fn(o, g), dtype=np.float32)
+                             for o, g in zip(last, goals)])
+            if rows.shape != last.shape:
+                raise ValueError(f"pad_obs_fn must return observation rows of shape "
+                                 f"{last.shape[1:]}, got {rows.shape[1:]}")
+            if "observations" in normalizers:
+                rows = np.asarray(normalizers["observations"].normalize(rows), dtype=np.float32)
+            self._pad_rows = rows  # (E, obs_dim)
+        if returns_to_go or value:
+            self._rtg = discounted_returns(dataset.rewards, ends, self.discount)
+        self._offsets = np.arange(self.horizon, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"window {i} out of range for {len(self)} windows")
+        return {k: v[0] for k, v in self.get_batch(np.array([i % len(self)])).items()}
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """A batch of `batch_size` windows drawn uniformly with replacement."""
+        return self.get_batch(rng.integers(0, len(self), size=batch_size))
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """Windows ``indices: (B,)`` as a dict of arrays with a leading batch axis."""
+        indices = np.asarray(indices, dtype=np.int64)
+        steps = self.starts[indices, None] + self._offsets          # (B, H)
+        ends = self.ends[indices, None]
+        real = steps < ends                                         # (B, H)
+        rows = np.minimum(steps, ends - 1)                          # past the end: last step
+        out: dict[str, np.ndarray] = {}
+        for key in self.keys:
+            x = self._arrays[key][rows]                             # (B, H, dim)
+            if self.pad:
+                if key in _ZERO_PAD_KEYS:
+                    x *= real[..., None]
+                elif key in _OBS_KEYS and self._pad_rows is not None:
+                    pad = self._pad_rows[self.episode_of_window[indices]][:, None, :]
+                    x = np.where(real[..., None], x, pad)
+            out[key] = x
+        out["mask"] = real.astype(np.float32)
+        if self.want_rtg:
+            out["returns_to_go"] = (self._rtg[rows] * real)[..., None].astype(np.float32)
+        if self.want_value:
+            out["value"] = self._rtg[self.starts[indices], None].astype(np.float32)
+        if self.want_goal:
+            out["goal"] = self._arrays["goals"][self.starts[indices]]
+        return out
+
+    def __repr__(self) -> str:
+        return (f"SequenceWindows(windows={len(self)}, horizon={self.horizon}, keys={self.keys}, "
+                f"pad={self.pad})")
+
+
+def discounted_returns(rewards: np.ndarray, episode_ends: np.ndarray,
+                       discount: float) -> np.ndarray:
+    """``rtg[i] = sum_{k=i}^{end(i)-1} discount**(k-i) * rewards[k]`` within each episode.
+
+    rewards: (N,); episode_ends: (E,) exclusive ends with episode_ends[-1] == N. Returns (N,)
+    float64. Episodes are cut into blocks laid out as rows of a matrix; a backward pass over the
+    columns solves every block at once, and a pass over block ranks carries each block's return
+    into the block before it. That is O(block + longest / block) numpy calls whatever the number
+    of episodes, and exact (no division by powers of the discount).
+    """
+    rewards = np.asarray(rewards, dtype=np.float64)
+    n = len(rewards)
+    ends = np.asarray(episode_ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    # Rows are padded to `block` columns: keep the table near a few times N when episodes are
+    # tiny, and the rank loop short when one is long.
+    block = int(min(128, (ends - starts).max(), max(8, 4 * n // len(ends))))
+    episode = np.repeat(np.arange(len(ends)), ends - starts)
+    pos = np.arange(n) - starts[episode]                    # step index inside the episode
+    col = pos % block
+    new_row = col == 0
+    row = np.cumsum(new_row) - 1                            # one row per (episode, block)
+    row_first = np.flatnonzero(new_row)
+    row_len = np.diff(np.append(row_first, n))
+
+    table = np.zeros((len(row_first), block + 1))
+    table[row, col] = rewards
+    for j in range(block - 1, -1, -1):                      # returns inside each block
+        table[:, j] += discount * table[:, j + 1]
+
+    # carry[r] = full return at the first step of the block after row r (0 if none); rows are
+    # solved from the last block rank to the first.
+    has_next = np.zeros(len(row_first), dtype=bool)
+    has_next[:-1] = episode[row_first[1:]] == episode[row_first[:-1]]
+    rank = pos[row_first] // block
+    full_head = table[:, 0].copy()
+    carry = np.zeros(len(row_first))
+    chained = np.flatnonzero(has_next)
+    chained = chained[np.argsort(rank[chained], kind="stable")]
+    bounds = np.searchsorted(rank[chained], np.arange(int(rank.max()) + 1))
+    bounds = np.append(bounds, len(chained))
+    for r in range(int(rank.max()) - 1, -1, -1):
+        rows_r = chained[bounds[r]:bounds[r + 1]]
+        carry[rows_r] = full_head[rows_r + 1]
+        full_head[rows_r] += discount ** row_len[rows_r] * carry[rows_r]
+    return table[row, col] + discount ** (row_len[row] - col) * carry[row]
