@@ -315,3 +315,18 @@ def generate(family: str, kind: str, steps: int | None = None, seed: int = DEFAU
     info = {"task": f"{family}-{kind}", "env_id": env_id, "seed": seed, "num_envs": num_envs,
             "segments": [{"behavior": s.label, "steps": s.steps, "seed": s.seed} for s in segs]}
     return concat(parts), info
+
+
+def make_dataset(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
+                 num_envs: int = DEFAULT_NUM_ENVS, progress: bool = True, root: Path | None = None):
+    """The task's dataset as a :class:`diffplan.data.OfflineDataset` (D4RL reference scores)."""
+    import json
+
+    from diffplan.data import OfflineDataset
+
+    arrays, info = generate(family, kind, steps, seed, num_envs, progress, root)
+    ref_min, ref_max = D4RL_REF[family]
+    return OfflineDataset(**arrays, env_id=FAMILIES[family], env_kwargs={},
+                          ref_min_score=ref_min, ref_max_score=ref_max,
+                          source="diffplan.envs.locomotion " + json.dumps(info["segments"]),
+                          task=f"{family}-{kind}")

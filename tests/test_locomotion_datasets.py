@@ -105,3 +105,18 @@ def test_d4rl_hdf5_roundtrip(root, tmp_path):
         np.testing.assert_array_equal(np.asarray(getattr(ds, k)), d[k], err_msg=k)
     ends = np.flatnonzero(d["terminals"] | d["timeouts"]) + 1
     np.testing.assert_array_equal(np.asarray(ds.episode_ends), ends)
+
+
+def test_make_dataset_to_hdf5_and_back(root, tmp_path):
+    data = pytest.importorskip("diffplan.data", reason="diffplan.data is not importable")
+    if not hasattr(data, "to_d4rl_hdf5"):
+        pytest.skip("diffplan.data.to_d4rl_hdf5 does not exist yet")
+    ds = L.make_dataset("hopper", "medium-expert", steps=1200, num_envs=2, progress=False,
+                        root=root)
+    assert ds.task == "hopper-medium-expert" and ds.env_id == "Hopper-v5"
+    assert ds.ref_max_score == pytest.approx(3234.3)
+    data.to_d4rl_hdf5(ds, tmp_path / "me.hdf5")
+    back = data.from_d4rl_hdf5(tmp_path / "me.hdf5")
+    for k in L.KEYS:
+        np.testing.assert_array_equal(getattr(back, k), getattr(ds, k), err_msg=k)
+    assert back.task == ds.task and back.ref_min_score == ds.ref_min_score
