@@ -4,3 +4,7 @@ from diffplan.policies.diffuser import DiffuserConfig, DiffuserPlanner
 
 __all__ = ["POLICIES", "DiffuserConfig", "DiffuserPlanner", "ObservationError", "PolicyBase", "SpaceSpec",
            "load_policy", "register_policy"]
+from diffplan.policies.anchored import AnchoredConfig, AnchoredDiffusionPolicy  # noqa: E402
+from diffplan.policies.bc import BCConfig, BCPolicy  # noqa: E402
+
+__all__ += ["AnchoredConfig", "AnchoredDiffusionPolicy", "BCConfig", "BCPolicy"]

@@ -1,0 +1,405 @@
+"""Truncated anchored action diffusion: DiffusionDrive (Liao et al., CVPR 2025) for control.
+
+What it trains
+    Action chunks of length H_a (8) are the "trajectories". K (20) anchors are the k-means
+    centroids of the dataset's normalized chunks, fitted once in ``from_dataset`` and kept as a
+    buffer, so they travel in the checkpoint. Each training sample noises *all* K anchors to one
+    level ``t ~ U(0, t_trunc)``: the chain is truncated, so every noisy anchor still looks like its
+    anchor (DiffusionDrive: steps [0, 50) of 1000). A decoder treats the K noisy chunks as K
+    queries; time enters by FiLM, the observation (and goal) tokens by cross-attention. A cascade
+    of 2 stages refines the chunk (stage 2 starts from stage 1's x0), and every stage predicts an
+    x0 chunk and a logit per query. The loss, summed over stages, is
+        l1_weight * L1(x0 of the positive query, target) + cls_weight * CE(logits, positive),
+    where the positive query is the anchor nearest the target chunk (DiffusionDrive uses
+    ``10 * focal + 8 * L1``; ``classification: focal`` is offered too).
+
+How it acts
+    The anchors are noised to ``t_start`` (default ``t_trunc``) and denoised in 2 DDIM steps
+    (x0-parameterised, ``x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t``), each step one
+    pass of the cascade. The chunk of the top logit (or one sampled by ``softmax(logits / T)``) is
+    returned; the runtime executes ``n_action_steps`` of it and replans. Network evaluations per
+    decision are ``steps / n_action_steps`` = 2/8 with the defaults.
+
+Truncation, tuned to the anchor spacing
+    With ``truncation: null`` (the default) ``t_trunc`` is set so that the noise-to-signal ratio
+    ``sigma/alpha`` at the truncation equals ``truncation_ratio`` (0.5) times the median RMS
+    distance between an anchor and its nearest other anchor: the noise never carries an anchor
+    half way to its neighbour, so the query still says which mode it stands for, and the decoder
+    only has to regress within a mode. The chosen value is a buffer (``t_trunc``) in the checkpoint.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.runtime.planner import PlannerConfig
+
+
+# ---------------------------------------------------------------------------------------------- anchors
+def kmeans(x, k: int, iters: int = 100, seed: int = 0, tol: float = 1e-6) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii 2007) then Lloyd iterations.
+
+    x: (N, F) points -> (k, F) centroids. Deterministic for a given ``seed``. An empty cluster
+    is restarted at the point farthest from its centroid.
+    """
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    n = x.shape[0]
+    if n < k:
+        raise ValueError(f"k-means needs at least k={k} points, got {n}")
+    g = torch.Generator().manual_seed(seed)
+    centers = x[torch.randint(n, (1,), generator=g)]
+    d2 = torch.cdist(x, centers).squeeze(1) ** 2
+    for _ in range(1, k):
+        probs = d2 / d2.sum() if d2.sum() > 0 else torch.full_like(d2, 1.0 / n)
+        c = x[torch.multinomial(probs, 1, generator=g)]
+        centers = torch.cat([centers, c])
+        d2 = torch.minimum(d2, ((x - c) ** 2).sum(1))
+    for _ in range(iters):
+        dist = torch.cdist(x, centers)
+        assign = dist.argmin(1)
+        sums = torch.zeros_like(centers).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k).to(x.dtype)
+        new = sums / counts.clamp(min=1)[:, None]
+        for j in torch.nonzero(counts == 0).flatten().tolist():  # empty cluster: reseed
+            far = dist.gather(1, assign[:, None]).squeeze(1).argmax()
+            new[j] = x[far]
+        shift = (new - centers).abs().max()
+        centers = new
+        if shift <= tol:
+            break
+    # final assignment and means, so the centroids are exactly the means of their clusters
+    assign = torch.cdist(x, centers).argmin(1)
+    counts = torch.bincount(assign, minlength=k)
+    sums = torch.zeros_like(centers).index_add_(0, assign, x)
+    centers = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None].to(x.dtype), centers)
+    return centers.float()
+
+
+def nearest_anchor(chunks: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+    """The positive query: index (B,) of the anchor (K, H, D) nearest each chunk (B, H, D) in L2."""
+    return torch.cdist(chunks.flatten(1), anchors.flatten(1)).argmin(1)
+
+
+# ---------------------------------------------------------------------------------------------- config
+@dataclass
+class AnchoredConfig:
+    chunk: int = 8  # H_a: actions per chunk
+    num_anchors: int = 20  # K
+    width: int = 64
+    heads: int = 4
+    stages: int = 2  # cascade depth
+    steps: int = 2  # DDIM steps at inference
+    schedule: str = "scaled_linear"  # DiffusionDrive's DDPM betas
+    truncation: float | None = None  # t_trunc in (0, 1]; None: from the anchor spacing
+    truncation_ratio: float = 0.5
+    t_start: float | None = None  # inference noise level; None: t_trunc
+    classification: str = "ce"  # "ce" | "focal"
+    focal_gamma: float = 2.0
+    l1_weight: float = 1.0
+    cls_weight: float = 0.5
+    temperature: float = 0.0  # 0: top logit; > 0: sample softmax(logits / temperature)
+    kmeans_samples: int = 200_000  # chunks used to fit the anchors
+    kmeans_iters: int = 100
+    seed: int = 0
+    runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=8))
+
+    def __post_init__(self):
+        if self.classification not in ("ce", "focal"):
+            raise ValueError(f"classification must be 'ce' or 'focal', got {self.classification!r}")
+        if self.schedule not in ("scaled_linear", "vp_cosine", "vp_linear"):
+            raise ValueError(f"schedule {self.schedule!r} unknown; choose scaled_linear, vp_cosine or vp_linear")
+        if self.truncation is not None and not 0.0 < self.truncation <= 1.0:
+            raise ValueError(f"truncation must be in (0, 1], got {self.truncation}")
+        if self.steps < 1 or self.stages < 1 or self.num_anchors < 2 or self.chunk < 1:
+            raise ValueError("need steps >= 1, stages >= 1, num_anchors >= 2, chunk >= 1")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.runtime.n_action_steps > self.chunk:
+            raise ValueError(f"runtime.n_action_steps {self.runtime.n_action_steps} > chunk {self.chunk}")
+
+
+def _schedule(name: str):
+    from diffplan.diffusion import Schedule
+
+    return getattr(Schedule, name)()
+
+
+# ---------------------------------------------------------------------------------------------- networks
+class ObservationEncoder(nn.Module):
+    """Observation tokens (B, T, W): the observation, the goal and both together (goal tasks)."""
+
+    def __init__(self, obs_dim: int, goal_dim: int, width: int):
+        super().__init__()
+        mlp = lambda d: nn.Sequential(nn.Linear(d, width), nn.Mish(), nn.Linear(width, width))
+        self.obs = mlp(obs_dim)
+        self.goal = mlp(goal_dim) if goal_dim else None
+        self.joint = mlp(obs_dim + goal_dim) if goal_dim else None
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+        tokens = [self.obs(obs)]
+        if self.goal is not None:
+            tokens += [self.goal(goal), self.joint(torch.cat([obs, goal], -1))]
+        return self.norm(torch.stack(tokens, 1))
+
+
+class CascadeStage(nn.Module):
+    """One decoder stage: queries (B, K, W) from chunks (B, K, H, D) -> x0 chunks and logits.
+
+    chunk embedding -> cross-attention to the observation tokens -> FiLM by time -> FFN -> heads.
+    """
+
+    def __init__(self, chunk_dim: int, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Sequential(nn.Linear(chunk_dim, width), nn.Mish(), nn.Linear(width, width))
+        self.norm_q = nn.LayerNorm(width)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.out = nn.Linear(width, width)
+        self.film = nn.Linear(width, 2 * width)
+        self.norm_f = nn.LayerNorm(width)
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.Mish(), nn.Linear(2 * width, width))
+        self.reg = nn.Linear(width, chunk_dim)
+        self.cls = nn.Linear(width, 1)
+        nn.init.zeros_(self.reg.weight)  # start as the identity on the input chunk
+        nn.init.zeros_(self.reg.bias)
+
+    def keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head keys and values of the observation tokens; computed once per plan."""
+        b, t, w = ctx.shape
+        k, v = self.kv(ctx).view(b, t, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, temb: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor]):
+        """x: (B, K, H, D) input chunks, h: (B, K, W) previous stage's queries or None,
+        temb: (B, W), kv from ``keys_values`` -> x0 (B, K, H, D), logits (B, K), queries (B, K, W)."""
+        b, kq = x.shape[:2]
+        q = self.embed(x.flatten(2))
+        if h is not None:
+            q = q + h
+        k, v = kv
+        w = q.shape[-1]
+        qh = self.q(self.norm_q(q)).view(b, kq, self.heads, w // self.heads).transpose(1, 2)
+        q = q + self.out(F.scaled_dot_product_attention(qh, k, v).transpose(1, 2).reshape(b, kq, w))
+        scale, shift = self.film(temb)[:, None].chunk(2, -1)
+        q = q + self.ffn(self.norm_f(q) * (1 + scale) + shift)
+        x0 = x + self.reg(q).view_as(x)
+        return x0, self.cls(q).squeeze(-1), q
+
+
+class CascadeDecoder(nn.Module):
+    """The denoiser: noisy chunks (B, K, H, D) at level t (B,) -> per-stage (x0, logits).
+
+    One call is one network evaluation of every stage."""
+
+    def __init__(self, chunk: int, act_dim: int, width: int, heads: int, stages: int, t_scale: float = 1000.0):
+        super().__init__()
+        self.width, self.t_scale = width, t_scale
+        self.time = nn.Sequential(nn.Linear(width, width), nn.Mish(), nn.Linear(width, width))
+        self.stages = nn.ModuleList(CascadeStage(chunk * act_dim, width, heads) for _ in range(stages))
+        half = width // 2
+        self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False)
+
+    def time_embedding(self, t: torch.Tensor) -> torch.Tensor:
+        """Sinusoidal embedding of t * 1000 (DDPM step units), then an MLP: (B,) -> (B, W)."""
+        arg = (t * self.t_scale)[:, None] * self.freqs
+        return self.time(torch.cat([arg.sin(), arg.cos()], -1))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, kvs: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        temb = self.time_embedding(t)
+        out, h = [], None
+        for stage, kv in zip(self.stages, kvs):
+            x0, logits, h = stage(x, h, temb, kv)
+            out.append((x0, logits))
+            x = x0.detach()  # stage s+1 refines stage s's x0 (DETR-style, no gradient through it)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- policy
+@register_policy
+class AnchoredDiffusionPolicy(PolicyBase):
+    kind = "anchored"
+    Config = AnchoredConfig
+
+    def __init__(self, config: AnchoredConfig, spec: SpaceSpec):
+        super().__init__(config, spec)
+        from diffplan.data import GaussianNormalizer
+
+        c = config
+        self.act_dim, self.obs_dim, self.goal_dim = spec.act_dim, spec.obs_dim, spec.goal_dim
+        self.plan_shape = (c.chunk, spec.act_dim)
+        self.default_steps = c.steps
+        self.schedule = _schedule(c.schedule)
+        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
+        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
+        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+        self.register_buffer("anchors", torch.zeros(c.num_anchors, c.chunk, spec.act_dim))
+        self.register_buffer("t_trunc", torch.tensor(float(c.truncation or 0.05)))
+        self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width)
+        self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages)
+        self._grid_cache: tuple | None = None
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def from_dataset(cls, dataset, config: AnchoredConfig) -> "AnchoredDiffusionPolicy":
+        """Fit the normalizers, the K anchors and (if not given) the truncation level."""
+        policy = cls(config, SpaceSpec.from_dataset(dataset))
+        policy.obs_normalizer.fit(dataset.observations)
+        if policy.goal_normalizer is not None:
+            policy.goal_normalizer.fit(dataset.goals)
+        policy.action_normalizer.fit(dataset.actions)
+        windows = policy._windows(dataset)
+        rng = np.random.default_rng(config.seed)
+        n = len(windows)
+        pick = rng.choice(n, config.kmeans_samples, replace=False) if n > config.kmeans_samples else np.arange(n)
+        chunks = windows.get_batch(pick)["actions"]
+        policy.fit_anchors(policy.action_normalizer.normalize(torch.as_tensor(chunks)))
+        return policy
+
+    @torch.no_grad()
+    def fit_anchors(self, chunks: torch.Tensor) -> None:
+        """chunks: (N, H_a, act_dim) normalized -> ``anchors`` and, if not configured, ``t_trunc``."""
+        c = self.config
+        n, h, d = chunks.shape
+        centers = kmeans(chunks.reshape(n, h * d), c.num_anchors, c.kmeans_iters, c.seed)
+        self.anchors.copy_(centers.view(c.num_anchors, h, d))
+        if c.truncation is None:
+            self.t_trunc.fill_(self.truncation_for_spacing())
+        self._grid_cache = None
+
+    def anchor_spacing(self) -> float:
+        """Median RMS (per element) distance from each anchor to its nearest other anchor."""
+        a = self.anchors.flatten(1)
+        dist = torch.cdist(a, a) / math.sqrt(a.shape[1])
+        dist.fill_diagonal_(float("inf"))
+        return float(dist.min(1).values.median())
+
+    def truncation_for_spacing(self) -> float:
+        """The t where sigma(t)/alpha(t) = truncation_ratio * anchor spacing (bisection)."""
+        target = self.config.truncation_ratio * self.anchor_spacing()
+        lo, hi = 1e-4, 1.0
+        nsr = lambda t: float(self.schedule.sigma(torch.tensor(t)) / self.schedule.alpha(torch.tensor(t)))
+        if nsr(hi) <= target:
+            return hi
+        for _ in range(60):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if nsr(mid) < target else (lo, mid)
+        return 0.5 * (lo + hi)
+
+    def _windows(self, dataset):
+        """Chunks of H_a actions that lie inside one episode, with the observation before them."""
+        from diffplan.data import SequenceWindows
+
+        return SequenceWindows(dataset, self.config.chunk, keys=("observations", "actions"),
+                               goal=bool(self.goal_dim) and dataset.goals is not None)
+
+    def batches(self, dataset, batch_size: int):
+        windows = self._windows(dataset)
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            w = windows.sample(batch_size, rng)
+            out = {"obs": w["observations"][:, 0], "actions": w["actions"]}
+            if "goal" in w:
+                out["goal"] = w["goal"]
+            return out
+
+        return sample_batch
+
+    def context(self, obs: torch.Tensor, goal: torch.Tensor | None) -> list:
+        """Raw observations (B, obs_dim), goals (B, goal_dim)|None -> per-stage keys/values."""
+        o = self.obs_normalizer.normalize(obs)
+        g = None if goal is None or self.goal_normalizer is None else self.goal_normalizer.normalize(goal)
+        ctx = self.encoder(o, g)
+        return [stage.keys_values(ctx) for stage in self.net.stages]
+
+    def loss(self, batch):
+        c = self.config
+        target = self.action_normalizer.normalize(batch["actions"])  # (B, H, D)
+        b = target.shape[0]
+        kvs = self.context(batch["obs"], batch.get("goal"))
+        positive = nearest_anchor(target, self.anchors)  # (B,)
+        t = torch.rand(b, device=target.device) * self.t_trunc  # truncated: t ~ U(0, t_trunc)
+        alpha, sigma = self.schedule.alpha(t)[:, None, None, None], self.schedule.sigma(t)[:, None, None, None]
+        anchors = self.anchors.expand(b, -1, -1, -1)
+        x_t = alpha * anchors + sigma * torch.randn_like(anchors)
+        rows = torch.arange(b, device=target.device)
+        total, logs = 0.0, {}
+        for s, (x0, logits) in enumerate(self.net(x_t, t, kvs)):
+            l1 = (x0[rows, positive] - target).abs().mean()
+            if c.classification == "ce":
+                cls = F.cross_entropy(logits, positive)
+            else:
+                onehot = F.one_hot(positive, logits.shape[1]).to(logits.dtype)
+                cls = _sigmoid_focal(logits, onehot, c.focal_gamma)
+            total = total + c.l1_weight * l1 + c.cls_weight * cls
+            logs[f"l1_stage{s + 1}"] = l1.detach()
+            logs[f"cls_stage{s + 1}"] = cls.detach()
+            logs[f"acc_stage{s + 1}"] = (logits.argmax(1) == positive).float().mean().detach()
+        return total, logs
+
+    # ------------------------------------------------------------------ acting
+    def _grid(self, t_start: float, steps: int) -> list[tuple[float, float, float]]:
+        """(t, alpha_t, sigma_t) for the DDIM grid from t_start down to 0, as Python floats."""
+        key = (t_start, steps)
+        if self._grid_cache is None or self._grid_cache[0] != key:
+            ts = torch.linspace(t_start, 0.0, steps + 1, dtype=torch.float64)
+            grid = [(float(t), float(self.schedule.alpha(t.float())), float(self.schedule.sigma(t.float())))
+                    for t in ts]
+            self._grid_cache = (key, grid)
+        return self._grid_cache[1]
+
+    def denoise_anchors(self, obs, goal, noise, steps: int | None = None, t_start: float | None = None):
+        """obs (B, obs_dim), goal (B, goal_dim)|None, noise (B, H, D) or (B, K, H, D) ->
+        normalized x0 chunks (B, K, H, D) and logits (B, K) of the last stage at the last step."""
+        c = self.config
+        steps = c.steps if steps is None else steps
+        t0 = float(self.t_trunc if c.t_start is None else c.t_start) if t_start is None else t_start
+        grid = self._grid(t0, steps)
+        kvs = self.context(obs, goal)
+        if noise.dim() == 3:  # one noise chunk per env, shared by its K queries (which never interact)
+            noise = noise[:, None]
+        _, a0, s0 = grid[0]
+        x = a0 * self.anchors + s0 * noise  # (B, K, H, D): the anchors noised to t_start
+        b = x.shape[0]
+        for (t, a, s), (_, a_next, s_next) in zip(grid[:-1], grid[1:]):
+            x0, logits = self.net(x, torch.full((b,), t, device=x.device), kvs)[-1]
+            x = a_next * x0 + s_next * (x - a * x0) / s  # DDIM, eta = 0
+        return x0, logits
+
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+        """obs (B, obs_dim), goal (B, goal_dim)|None, noise (B, H_a, act_dim) ->
+        unnormalized action chunks (B, H_a, act_dim) of the chosen queries.
+
+        ``t_start`` of the runtime is ignored unless warm-starting: the start level is the
+        truncation level (or ``config.t_start``)."""
+        ts = t_start if warm is not None else None
+        x0, logits = self.denoise_anchors(obs, goal, noise, steps=steps, t_start=ts)
+        if self.config.temperature > 0:
+            probs = torch.softmax(logits / self.config.temperature, -1)
+            pick = torch.multinomial(probs, 1).squeeze(1)
+        else:
+            pick = logits.argmax(-1)
+        chosen = x0[torch.arange(x0.shape[0], device=x0.device), pick]
+        return self.action_normalizer.unnormalize(chosen)
+
+    def action_at(self, plans, index, obs, goal):
+        i = index.clamp(max=plans.shape[1] - 1)
+        return plans[torch.arange(plans.shape[0], device=plans.device), i]
+
+
+def _sigmoid_focal(logits: torch.Tensor, target: torch.Tensor, gamma: float, alpha: float = 0.25) -> torch.Tensor:
+    """Sigmoid focal loss (Lin et al. 2017, eq. 5), summed over queries, mean over the batch."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = p * target + (1 - p) * (1 - target)
+    a_t = alpha * target + (1 - alpha) * (1 - target)
+    return (a_t * ce * (1 - p_t) ** gamma).sum(1).mean()
+

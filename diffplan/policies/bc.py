@@ -1,0 +1,88 @@
+"""Behaviour cloning: an MLP from the observation (and goal) to the action, trained by MSE.
+
+The baseline every generative policy must beat. Regressing the mean action is exactly what fails
+when the data has several modes for one observation: the average of "go left" and "go right" is
+"go straight". Plans are single actions, ``plan_shape = (1, act_dim)``, so the runtime asks for a
+new one every step; one network evaluation per decision.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.runtime.planner import PlannerConfig
+
+
+@dataclass
+class BCConfig:
+    hidden: tuple[int, ...] = (256, 256)
+    runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=1))
+
+    def __post_init__(self):
+        if self.runtime.n_action_steps != 1:
+            raise ValueError("BC plans one action at a time: runtime.n_action_steps must be 1")
+
+
+@register_policy
+class BCPolicy(PolicyBase):
+    kind = "bc"
+    Config = BCConfig
+
+    def __init__(self, config: BCConfig, spec: SpaceSpec):
+        super().__init__(config, spec)
+        from diffplan.data import GaussianNormalizer
+
+        self.plan_shape = (1, spec.act_dim)
+        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
+        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
+        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+        dims = (spec.obs_dim + spec.goal_dim, *config.hidden)
+        layers = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.Mish()]
+        self.net = nn.Sequential(*layers, nn.Linear(dims[-1], spec.act_dim))
+
+    @classmethod
+    def from_dataset(cls, dataset, config: BCConfig) -> "BCPolicy":
+        policy = cls(config, SpaceSpec.from_dataset(dataset))
+        policy.obs_normalizer.fit(dataset.observations)
+        if policy.goal_normalizer is not None:
+            policy.goal_normalizer.fit(dataset.goals)
+        policy.action_normalizer.fit(dataset.actions)
+        return policy
+
+    def batches(self, dataset, batch_size: int):
+        obs, acts, goals = dataset.observations, dataset.actions, dataset.goals
+        with_goal = goals is not None and self.spec.goal_dim > 0
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            i = rng.integers(len(obs), size=batch_size)
+            out = {"obs": obs[i], "actions": acts[i]}
+            if with_goal:
+                out["goal"] = goals[i]
+            return out
+
+        return sample_batch
+
+    def forward(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+        """Raw obs (B, obs_dim), goal (B, goal_dim)|None -> normalized action (B, act_dim)."""
+        x = self.obs_normalizer.normalize(obs)
+        if self.goal_normalizer is not None:
+            x = torch.cat([x, self.goal_normalizer.normalize(goal)], -1)
+        return self.net(x)
+
+    def loss(self, batch):
+        target = self.action_normalizer.normalize(batch["actions"])
+        mse = (self(batch["obs"], batch.get("goal")) - target).pow(2).mean()
+        return mse, {"mse": mse.detach()}
+
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+        """-> unnormalized actions (B, 1, act_dim); the noise is not used."""
+        return self.action_normalizer.unnormalize(self(obs, goal))[:, None]
+
+    def action_at(self, plans, index, obs, goal):
+        return plans[:, 0]
