@@ -330,3 +330,109 @@ def make_dataset(family: str, kind: str, steps: int | None = None, seed: int = D
                           ref_min_score=ref_min, ref_max_score=ref_max,
                           source="diffplan.envs.locomotion " + json.dumps(info["segments"]),
                           task=f"{family}-{kind}")
+
+
+# --------------------------------------------------------------------------------------------
+# Task cards
+# --------------------------------------------------------------------------------------------
+
+
+class BehaviorPolicy:
+    """A shipped behavior actor as a policy (``reset`` / ``act``), batched over envs."""
+
+    kind = "behavior"
+
+    def __init__(self, actor: TanhGaussianActor, deterministic: bool = True, seed: int = 0):
+        self.actor = actor
+        self.deterministic = deterministic
+        self.rng = np.random.default_rng(seed)
+
+    def reset(self, mask=None) -> None:
+        pass
+
+    def act(self, obs, **_):
+        return self.actor.act(obs, deterministic=self.deterministic, rng=self.rng)
+
+
+def behavior_policy(family: str, role: str = "expert", deterministic: bool = True,
+                    seed: int = 0) -> BehaviorPolicy:
+    snap = expert_snapshot(family) if role == "expert" else medium_snapshot(family)
+    return BehaviorPolicy(load_actor(snap.path), deterministic, seed)
+
+
+_DESCRIPTIONS = {
+    "medium": "1M steps of the medium SAC snapshot ({med}, the shipped snapshot whose D4RL score is "
+              "closest to {target:g}), stochastic actions",
+    "medium-replay": "SAC's replay buffer up to the medium snapshot ({med}, step {m}): uniform random "
+                     "actions for the first 10k steps, then each shipped snapshot for the training "
+                     "steps until the next one",
+    "medium-expert": "the medium dataset (1M steps of {med}) then 1M steps of the expert snapshot "
+                     "({exp}), stochastic actions",
+}
+
+
+def _build_dataset(card, steps: int, seed: int, progress: bool):
+    family, kind = card.extras["behavior_family"], card.extras["kind"]
+    return make_dataset(family, kind, steps=steps, seed=seed, progress=progress)
+
+
+def _build_env(card, render_mode=None):
+    import gymnasium as gym
+
+    return gym.make(card.env_id, max_episode_steps=card.episode_steps, render_mode=render_mode,
+                    **dict(card.eval_kwargs))
+
+
+def _build_expert(card):
+    return behavior_policy(card.extras["behavior_family"], "expert")
+
+
+def task_cards() -> list:
+    """The nine locomotion cards; datasets need the shipped behavior snapshots."""
+    from .tasks import TaskCard
+
+    cards = []
+    for family, env_id in FAMILIES.items():
+        lo, hi = D4RL_REF[family]
+        try:
+            med, exp = medium_snapshot(family), expert_snapshot(family)
+        except FileNotFoundError:
+            med = exp = None
+        for kind in KINDS:
+            if kind == "medium":
+                n = 1_000_000
+            elif kind == "medium-expert":
+                n = 2_000_000
+            else:
+                n = med.step if med else 0
+            words = _DESCRIPTIONS[kind].format(
+                med=med.path.name if med else "?", exp=exp.path.name if exp else "?",
+                m=med.step if med else "?", target=MEDIUM_TARGET[family])
+            cards.append(TaskCard(
+                name=f"{family}-{kind}", env_id=env_id, collect_kwargs={}, eval_kwargs={},
+                episode_steps=EPISODE_STEPS, ref_min_score=lo, ref_max_score=hi,
+                ref_note=(f"D4RL reference returns for {family} (random {lo:g}, expert {hi:g}); "
+                          f"uniform random actions score {RANDOM_RETURN_V5[family]:g} in {env_id} "
+                          "(100 episodes of <= 1000 steps, seeds 0-99)"),
+                recipe=(words + f"; episodes cut at {EPISODE_STEPS} steps (timeouts), terminals "
+                        f"from the env; {DEFAULT_NUM_ENVS} envs side by side"),
+                dataset_steps=n, dataset_seed=DEFAULT_SEED,
+                build_dataset=_build_dataset, build_env=_build_env, build_expert=_build_expert,
+                d4rl_ref_min_score=lo, d4rl_ref_max_score=hi, is_goal_env=False,
+                family="locomotion",
+                extras={"behavior_family": family, "kind": kind,
+                        "random_return_v5": RANDOM_RETURN_V5[family],
+                        "medium_snapshot": med.path.name if med else None,
+                        "expert_snapshot": exp.path.name if exp else None,
+                        "medium_target_d4rl_score": MEDIUM_TARGET[family]}))
+    return cards
+
+
+def _register() -> None:
+    from .tasks import register_task
+
+    for card in task_cards():
+        register_task(card, overwrite=True)
+
+
+_register()

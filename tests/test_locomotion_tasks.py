@@ -1,0 +1,50 @@
+"""Locomotion task cards: registry, eval env protocol, reference scores, dataset through the card."""
+
+import numpy as np
+import pytest
+
+from diffplan.envs import locomotion as L
+from diffplan.envs.tasks import get_task, list_tasks
+
+NAMES = [f"{f}-{k}" for f in L.FAMILIES for k in L.KINDS]
+
+
+def test_all_cards_registered():
+    assert set(NAMES) <= set(list_tasks())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_card_protocol(name):
+    card = get_task(name)
+    family = name.split("-")[0]
+    assert card.env_id == L.FAMILIES[family] and card.episode_steps == 1000
+    assert (card.ref_min_score, card.ref_max_score) == L.D4RL_REF[family]
+    assert card.d4rl_ref_min_score == card.ref_min_score
+    assert card.extras["random_return_v5"] == L.RANDOM_RETURN_V5[family]
+    assert card.family == "locomotion" and not card.is_goal_env
+    env = card.make_env()
+    try:
+        assert env.spec.max_episode_steps == 1000
+    finally:
+        env.close()
+
+
+def test_random_return_matches_card():
+    mean, _ = L.measure_random_return("Hopper-v5", episodes=100)
+    assert mean == pytest.approx(L.RANDOM_RETURN_V5["hopper"], abs=0.01)
+
+
+def test_card_dataset_with_shipped_snapshots():
+    if not L.list_snapshots("hopper"):
+        pytest.skip("no hopper behavior snapshots shipped under checkpoints/behavior/hopper")
+    card = get_task("hopper-medium")
+    d = card.make_dataset(progress=False, steps=600)
+    assert d.task == "hopper-medium" and d.env_id == "Hopper-v5" and len(d.rewards) == 600
+    d2 = card.make_dataset(progress=False, steps=600)
+    np.testing.assert_array_equal(d.actions, d2.actions)
+    # the expert snapshot, run deterministically, is a policy with reset / act
+    pol = card.make_expert()
+    pol.reset()
+    obs = np.zeros((3, 11), np.float32)
+    a = pol.act(obs)
+    assert a.shape == (3, 3) and np.all(np.abs(a) <= 1)
