@@ -332,6 +332,39 @@ def make_dataset(family: str, kind: str, steps: int | None = None, seed: int = D
                           task=f"{family}-{kind}")
 
 
+def prune_snapshots(family: str, keep: int = 8, root: Path | None = None,
+                    dest: Path | None = None, dry_run: bool = False) -> tuple[list[str], list[str]]:
+    """Keep at most ``keep`` snapshots of ``family`` in the shipped folder: the medium and expert
+    ones, and evenly spaced ones before the medium step (what medium-replay rolls out). The rest
+    move to ``dest`` (default ``runs/behavior/<family>/pruned``, git-ignored). Returns the names
+    kept and moved."""
+    root = Path(root or behavior_dir())
+    snaps = list_snapshots(family, root)
+    if len(snaps) <= keep:
+        return [s.path.name for s in snaps], []
+    med, exp = medium_snapshot(family, root), expert_snapshot(family, root)
+    chosen = {med.step, exp.step}
+    before = [s for s in snaps if s.step < med.step]
+    slots = keep - len(chosen)
+    if before and slots > 0:
+        idx = np.unique(np.round(np.linspace(0, len(before) - 1, min(slots, len(before)))).astype(int))
+        chosen |= {before[i].step for i in idx}
+    kept = [s.path.name for s in snaps if s.step in chosen]
+    moved = [s.path.name for s in snaps if s.step not in chosen]
+    if not dry_run:
+        dest = Path(dest or Path(__file__).resolve().parent.parent / "runs" / "behavior" / family
+                    / "pruned")
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in moved:
+            target = dest / name
+            if target.exists():
+                import shutil
+
+                shutil.rmtree(target)
+            os.rename(root / family / name, target)
+    return kept, moved
+
+
 # --------------------------------------------------------------------------------------------
 # Task cards
 # --------------------------------------------------------------------------------------------
@@ -436,3 +469,34 @@ def _register() -> None:
 
 
 _register()
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m diffplan.envs.locomotion")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pr = sub.add_parser("prune", help="keep at most N shipped snapshots per family")
+    pr.add_argument("family", choices=list(FAMILIES))
+    pr.add_argument("--keep", type=int, default=8)
+    pr.add_argument("--dry-run", action="store_true")
+    sub.add_parser("snapshots", help="list shipped snapshots and the medium / expert choice")
+    a = p.parse_args(argv)
+    if a.cmd == "prune":
+        kept, moved = prune_snapshots(a.family, a.keep, dry_run=a.dry_run)
+        print("kept:", " ".join(kept))
+        print("moved:" if not a.dry_run else "would move:", " ".join(moved))
+    else:
+        for fam in FAMILIES:
+            snaps = list_snapshots(fam)
+            if not snaps:
+                print(f"{fam}: none")
+                continue
+            med, exp = medium_snapshot(fam), expert_snapshot(fam)
+            for s in snaps:
+                role = ("medium " if s == med else "") + ("expert" if s == exp else "")
+                print(f"{fam:12s} {s.path.name:12s} return {s.ret:8.1f}  d4rl {s.score:6.1f}  {role}")
+
+
+if __name__ == "__main__":
+    main()

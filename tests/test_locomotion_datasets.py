@@ -120,3 +120,16 @@ def test_make_dataset_to_hdf5_and_back(root, tmp_path):
     for k in L.KEYS:
         np.testing.assert_array_equal(getattr(back, k), getattr(ds, k), err_msg=k)
     assert back.task == ds.task and back.ref_min_score == ds.ref_min_score
+
+
+def test_prune_keeps_medium_expert_and_replay_spread(tmp_path):
+    steps = [(10_000 * (i + 1), float(s)) for i, s in enumerate(
+        [1, 5, 10, 20, 30, 35, 44, 50, 60, 75, 80, 70])]
+    root = _write_snapshots(tmp_path / "b", steps_scores=steps)
+    kept, moved = L.prune_snapshots("hopper", keep=5, root=root, dest=tmp_path / "pruned")
+    assert len(kept) == 5 and len(moved) == 7
+    assert "step-70000" in kept and "step-110000" in kept  # medium (44) and expert (80)
+    assert "step-10000" in kept
+    assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == sorted(moved)
+    assert L.medium_snapshot("hopper", root).step == 70_000
+    assert L.expert_snapshot("hopper", root).step == 110_000
