@@ -305,7 +305,7 @@ def _env_spec(env_id: str, env_kwargs: dict) -> gym.envs.registration.EnvSpec | 
     """The registered spec of `env_id` with `env_kwargs` merged in, or None if unknown."""
     if not env_id:
         return None
-    _register_robotics()
+    register_gymnasium_robotics()
     try:
         spec = gym.spec(env_id)
     except gym.error.Error:
@@ -313,12 +313,21 @@ def _env_spec(env_id: str, env_kwargs: dict) -> gym.envs.registration.EnvSpec | 
     return dataclasses.replace(spec, kwargs={**spec.kwargs, **env_kwargs})
 
 
-def _register_robotics() -> None:
+def register_gymnasium_robotics() -> bool:
+    """Register gymnasium-robotics' envs (PointMaze, ...) with Gymnasium; False if not installed.
+
+    Its import prints a notice about Adroit envs to stderr on every run; it does not concern the
+    envs diffplan uses, so it is swallowed here.
+    """
+    import contextlib
+    import io
     try:
-        import gymnasium_robotics
+        with contextlib.redirect_stderr(io.StringIO()):
+            import gymnasium_robotics
     except ImportError:
-        return
+        return False
     gym.register_envs(gymnasium_robotics)
+    return True
 
 
 def _open(path: Path):
