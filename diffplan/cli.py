@@ -1,0 +1,163 @@
+"""The ``diffplan`` command line.
+
+Command groups are added to the parser by one ``add_<group>_commands(groups)`` function each;
+every command is one ``cmd_<group>_<name>(args) -> int`` function. Errors a user can fix
+(`USER_ERRORS`) print one line to stderr and exit with code 2, without a traceback.
+
+    diffplan data list                  tasks, and whether each dataset is made
+    diffplan data make NAME [--force]   run a task's dataset recipe and cache it (Minari)
+    diffplan data info NAME|ID|PATH     counts, episode stats, return distribution, ref scores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+
+from diffplan.data import DatasetError
+from diffplan.envs import UnknownTaskError
+
+# Exceptions that mean "the request was wrong", reported as one line (exit code 2).
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnknownTaskError,
+                                                 FileNotFoundError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffplan", description="Planning with diffusion models: data, training, evaluation.")
+    groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
+    add_data_commands(groups)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"diffplan: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("diffplan: interrupted", file=sys.stderr)
+        return 130
+
+
+# ---- diffplan data ---------------------------------------------------------------------------
+
+def add_data_commands(groups) -> None:
+    data = groups.add_parser("data", help="list, make and inspect offline datasets")
+    sub = data.add_subparsers(dest="command", metavar="SUBCOMMAND", required=True)
+
+    p = sub.add_parser("list", help="registered tasks and whether their datasets are made")
+    p.set_defaults(func=cmd_data_list)
+
+    p = sub.add_parser("make", help="make a task's dataset and cache it as a Minari dataset")
+    p.add_argument("name", help="task name (see `diffplan data list`)")
+    p.add_argument("--force", action="store_true", help="remake it even if it is cached")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_data_make)
+
+    p = sub.add_parser("info", help="statistics of a dataset")
+    p.add_argument("name", help="task name, local Minari id, or .hdf5 / .npz path")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_data_info)
+
+
+def cmd_data_list(args) -> int:
+    from diffplan.data import datasets_root
+    from diffplan.envs import get_task, list_tasks
+
+    rows = [("task", "env", "steps/ep", "ref min", "ref max", "dataset", "minari id")]
+    for name in list_tasks():
+        card = get_task(name)
+        rows.append((name, card.env_id, str(card.episode_steps), f"{card.ref_min_score:g}",
+                     f"{card.ref_max_score:g}", "made" if card.dataset_is_made() else "-",
+                     card.dataset_id))
+    _print_table(rows)
+    print(f"\ndatasets folder: {datasets_root()} (MINARI_DATASETS_PATH)")
+    return 0
+
+
+def cmd_data_make(args) -> int:
+    from diffplan.envs import get_task
+
+    card = get_task(args.name)
+    if card.dataset_is_made() and not args.force:
+        print(f"{card.name}: already made ({card.dataset_id}); use --force to remake it")
+        return 0
+    data = card.load_dataset(progress=not args.quiet, force=True)
+    print(f"{card.name}: {len(data):,} steps in {data.num_episodes:,} episodes -> "
+          f"{card.dataset_id}")
+    return 0
+
+
+def cmd_data_info(args) -> int:
+    from diffplan.data import load
+    from diffplan.envs import get_task, list_tasks
+
+    card = get_task(args.name) if args.name in list_tasks() else None
+    if card is not None and not card.dataset_is_made():
+        _print_card(card)
+        print(f"dataset   not made yet: run `diffplan data make {card.name}`")
+        return 0
+    data = load(args.name, progress=False)
+    summary = data.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    if card is not None:
+        _print_card(card)
+    print(f"source    {data.source}")
+    print(f"env       {data.env_id or '?'} {json.dumps(data.env_kwargs, default=str)[:200]}")
+    goal = f"  goal_dim {summary['goal_dim']}" if summary["goal_dim"] else ""
+    print(f"size      {summary['num_steps']:,} steps, {summary['num_episodes']:,} episodes; "
+          f"obs_dim {summary['obs_dim']}  act_dim {summary['act_dim']}{goal}")
+    print(f"ends      {summary['num_terminals']:,} terminals, {summary['num_timeouts']:,} timeouts")
+    print(f"length    {_fmt_stats(summary['episode_length'])}")
+    print(f"return    {_fmt_stats(summary['episode_return'])}")
+    print(f"reward    min {summary['reward']['min']:g}  max {summary['reward']['max']:g}  "
+          f"mean {summary['reward']['mean']:.4g}")
+    _print_histogram(data.episode_returns(), "episode returns")
+    if data.ref_min_score is not None and data.ref_max_score is not None:
+        print(f"refs      min {data.ref_min_score:g}  max {data.ref_max_score:g}")
+    return 0
+
+
+def _print_card(card) -> None:
+    print(f"task      {card.name} ({card.family}), dataset id {card.dataset_id}")
+    print(f"eval      {card.env_id}, {card.episode_steps} steps, "
+          f"{json.dumps(dict(card.eval_kwargs), default=str)}")
+    d4rl = ""
+    if card.d4rl_ref_min_score is not None:
+        d4rl = f"  (D4RL: {card.d4rl_ref_min_score:g} / {card.d4rl_ref_max_score:g})"
+    print(f"refs      min {card.ref_min_score:g}  max {card.ref_max_score:g}{d4rl}")
+    print(f"          {card.ref_note}")
+    print(f"recipe    {card.recipe}")
+
+
+def _fmt_stats(stats: dict) -> str:
+    return "  ".join(f"{key} {stats[key]:.4g}" for key in
+                     ("min", "p10", "median", "p90", "max", "mean", "std"))
+
+
+def _print_histogram(values: np.ndarray, label: str, bins: int = 10, width: int = 40) -> None:
+    counts, edges = np.histogram(values, bins=bins)
+    print(f"{label}:")
+    top = max(int(counts.max()), 1)
+    for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
+        bar = "#" * int(round(width * count / top))
+        print(f"  [{lo:10.4g}, {hi:10.4g})  {count:8d}  {bar}")
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
