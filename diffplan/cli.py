@@ -149,7 +149,7 @@ def _print_histogram(values: np.ndarray, label: str, bins: int = 10, width: int 
     print(f"{label}:")
     top = max(int(counts.max()), 1)
     for count, lo, hi in zip(counts, edges[:-1], edges[1:]):
-        bar = "#" * int(round(width * count / top))
+        bar = "#" * round(width * count / top)
         print(f"  [{lo:10.4g}, {hi:10.4g})  {count:8d}  {bar}")
 
 

@@ -4,6 +4,12 @@ Task modules (`maze`, `locomotion`) register their cards when first looked up, s
 package stays light.
 """
 
-from diffplan.envs.tasks import TaskCard, UnknownTaskError, get_task, list_tasks, register_task
+from diffplan.envs.tasks import (
+    TaskCard,
+    UnknownTaskError,
+    get_task,
+    list_tasks,
+    register_task,
+)
 
 __all__ = ["TaskCard", "UnknownTaskError", "get_task", "list_tasks", "register_task"]

@@ -27,16 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from functools import lru_cache
+from functools import cache
 
 import gymnasium as gym
 import numpy as np
+from diffplan.envs.maze_expert import WaypointExpert
+from diffplan.envs.maze_geometry import Maze, pointmaze_map
+from diffplan.envs.maze_geometry import draw_maze as _draw_maze
+from diffplan.envs.tasks import TaskCard, get_task, register_task
 
 from diffplan.data import OfflineDataset
 from diffplan.data.minari_io import register_gymnasium_robotics
-from diffplan.envs.maze_expert import WaypointExpert
-from diffplan.envs.maze_geometry import Maze, draw_maze as _draw_maze, pointmaze_map
-from diffplan.envs.tasks import TaskCard, get_task, register_task
 
 register_gymnasium_robotics()  # PointMaze_*-v3 ids
 
@@ -82,7 +83,7 @@ class GoalCellWrapper(gym.Wrapper, gym.utils.RecordConstructorArgs):
 
 # ---- geometry helpers for planners and plots ------------------------------------------------
 
-@lru_cache(maxsize=None)
+@cache
 def _maze_by_name(name: str) -> Maze:
     return Maze(pointmaze_map(name))
 
@@ -221,7 +222,7 @@ def measure_refs(task, episodes: int = REF_EPISODES, seed: int = REF_SEED) -> di
     averaged over `episodes` seeded episodes of its eval env."""
     card = get_task(task)
     rng = np.random.default_rng(seed)
-    random_policy = lambda obs: rng.uniform(-1.0, 1.0, size=2)  # noqa: E731
+    random_policy = lambda obs: rng.uniform(-1.0, 1.0, size=2)
     rand = run_episodes(card, random_policy, episodes, seed)
     expert = run_episodes(card, make_expert(card, seed=seed), episodes, seed)
     hits = expert["first_hit"][expert["first_hit"] >= 0]
@@ -295,5 +296,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from diffplan.envs import maze as _registered  # the module whose cards are registered
+    from diffplan.envs import (
+        maze as _registered,  # the module whose cards are registered
+    )
     raise SystemExit(_registered.main())

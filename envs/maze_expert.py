@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import gymnasium as gym
 import numpy as np
-
 from diffplan.envs.maze_geometry import Maze
 
 
@@ -39,7 +38,7 @@ class WaypointExpert:
         self.noise, self.p_gain, self.d_gain = float(noise), float(p_gain), float(d_gain)
         self.switch_radius, self.jitter = float(switch_radius), float(jitter)
         self.rng = np.random.default_rng(seed)
-        box = lambda n: gym.spaces.Box(-np.inf, np.inf, shape=(n,), dtype=np.float64)  # noqa: E731
+        box = lambda n: gym.spaces.Box(-np.inf, np.inf, shape=(n,), dtype=np.float64)
         self.observation_space = observation_space or gym.spaces.Dict(
             {"observation": box(4), "achieved_goal": box(2), "desired_goal": box(2)})
         self.action_space = action_space or gym.spaces.Box(-1.0, 1.0, shape=(2,),

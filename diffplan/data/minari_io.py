@@ -215,7 +215,7 @@ def to_minari(data: OfflineDataset, dataset_id: str, *, force: bool = False,
         shutil.rmtree(path)
 
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
-    box = lambda d: gym.spaces.Box(-np.inf, np.inf, shape=(d,), dtype=np.float32)  # noqa: E731
+    box = lambda d: gym.spaces.Box(-np.inf, np.inf, shape=(d,), dtype=np.float32)
     if data.goals is not None:
         observation_space = gym.spaces.Dict(
             {"observation": box(obs_dim), "desired_goal": box(data.goals.shape[1])})

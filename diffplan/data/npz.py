@@ -9,7 +9,12 @@ from pathlib import Path
 
 import numpy as np
 
-from diffplan.data.dataset import ARRAY_KEYS, METADATA_KEYS, DatasetError, OfflineDataset
+from diffplan.data.dataset import (
+    ARRAY_KEYS,
+    METADATA_KEYS,
+    DatasetError,
+    OfflineDataset,
+)
 
 _META_KEY = "metadata_json"
 
