@@ -1,0 +1,175 @@
+"""The Diffuser planner end to end on a small maze dataset: train, save, load, act, evaluate."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import diffplan
+from diffplan.config import ConfigError
+from diffplan.envs import get_task
+from diffplan.policies import DiffuserConfig, DiffuserPlanner, ObservationError
+from diffplan.policies.training import check_config, read_config, train_policy
+from diffplan.runtime import PlannerConfig
+from diffplan.train import CheckpointError
+
+TASK = "pointmaze-umaze"
+TINY = {"horizon": 16, "dim": 8, "dim_mults": [1, 2], "steps": 4}
+
+
+@pytest.fixture(scope="module")
+def maze_data():
+    return get_task(TASK).make_dataset(progress=False, steps=4000, seed=3)
+
+
+@pytest.fixture(scope="module")
+def trained(maze_data, tmp_path_factory):
+    """A tiny Diffuser trained for a few dozen steps through the public training entry point."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run")
+    cfg = {"kind": "diffuser", "task": TASK, "policy": TINY,
+           "train": {"steps": 40, "batch_size": 16, "warmup_steps": 5, "ckpt_every": 20, "progress": False}}
+    policy = train_policy(cfg, out, dataset=maze_data, progress=False)
+    return policy, out
+
+
+def _obs(seed=0, batch=None):
+    env = get_task(TASK).make_env()
+    if batch is None:
+        return env.reset(seed=seed)[0]
+    obs = [env.reset(seed=seed + i)[0] for i in range(batch)]
+    return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+
+
+def test_training_writes_a_loadable_checkpoint_folder(trained):
+    _, out = trained
+    steps = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert steps == ["step-00000020", "step-00000040"]
+    files = {p.name for p in (out / "checkpoints" / "step-00000040").iterdir()}
+    assert {"model.safetensors", "config.yaml", "optimizer.safetensors"} <= files
+
+
+def test_planned_start_and_goal_equal_the_constraints(trained):
+    policy, _ = trained
+    obs = _obs(seed=1, batch=3)
+    policy.reset(seed=0)
+    policy.act(obs)
+    states = policy.plan_states(policy.planner._plans).numpy()
+    np.testing.assert_allclose(states[:, 0], obs["observation"], atol=1e-5)
+    goal_state = np.concatenate([obs["desired_goal"], np.zeros((3, 2), np.float32)], axis=1)
+    np.testing.assert_allclose(states[:, -1], goal_state, atol=1e-5)
+
+
+def test_load_policy_round_trip_gives_identical_actions(trained, tmp_path):
+    policy, out = trained
+    loaded = diffplan.load_policy(out)  # a run folder resolves to its latest checkpoint
+    assert isinstance(loaded, DiffuserPlanner)
+    obs = _obs(seed=2)
+    policy.reset(seed=5)
+    loaded.reset(seed=5)
+    for _ in range(3):
+        np.testing.assert_array_equal(policy.act(obs), loaded.act(obs))
+    policy.save(tmp_path / "saved")
+    again = diffplan.load_policy(tmp_path / "saved")
+    again.reset(seed=5)
+    policy.reset(seed=5)
+    np.testing.assert_array_equal(policy.act(obs), again.act(obs))
+
+
+def test_actions_are_inside_the_action_space_for_single_and_batched_observations(trained):
+    policy, _ = trained
+    policy.reset(seed=0)
+    a = policy.act(_obs(seed=3))
+    assert a.shape == (2,) and policy.action_space.contains(a.astype(np.float32))
+    policy.reset(seed=0)
+    b = policy.act(_obs(seed=3, batch=4))
+    assert b.shape == (4, 2) and np.all(np.abs(b) <= 1.0)
+
+
+def test_warm_start_from_a_plan_keeps_it_at_small_t_warm(trained):
+    policy, _ = trained
+    obs = _obs(seed=4)
+    o = torch.as_tensor(obs["observation"])[None]
+    g = torch.as_tensor(obs["desired_goal"])[None]
+    gen = torch.Generator().manual_seed(0)
+    noise = lambda: torch.randn(1, *policy.plan_shape, generator=gen)
+    with torch.inference_mode():
+        first = policy.plan(o, g, noise())
+        warm = policy.plan(o, g, noise(), warm=first, t_start=0.02, steps=2)
+        cold = policy.plan(o, g, noise())
+    assert (warm - first).abs().max() < 0.25 * (cold - first).abs().max()
+
+
+def test_wrong_observations_get_clear_errors(trained):
+    policy, _ = trained
+    obs = _obs(seed=0)
+    with pytest.raises(ObservationError, match="shape"):
+        policy.act({**obs, "observation": np.zeros(3)})
+    with pytest.raises(ObservationError, match="desired_goal"):
+        policy.act({"observation": obs["observation"]})
+    with pytest.raises(ObservationError, match="NaN"):
+        policy.act({**obs, "observation": np.array([0.0, np.nan, 0.0, 0.0])})
+    with pytest.raises(ObservationError, match="dict"):
+        policy.act(obs["observation"])
+
+
+def test_a_checkpoint_for_another_task_is_refused_naming_both(trained):
+    _, out = trained
+    with pytest.raises(ConfigError, match="pointmaze-umaze.*pointmaze-medium"):
+        diffplan.load_policy(out, task="pointmaze-medium")
+    from diffplan.eval import evaluate
+
+    with pytest.raises(ValueError, match="pointmaze-umaze.*pointmaze-medium"):
+        evaluate(diffplan.load_policy(out), "pointmaze-medium", episodes=1)
+
+
+def test_a_truncated_model_file_gets_a_clear_error(trained, tmp_path):
+    policy, _ = trained
+    path = policy.save(tmp_path / "ckpt")
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        diffplan.load_policy(path)
+
+
+def test_unknown_config_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="'horizn'"):
+        from diffplan.config import from_dict
+
+        from_dict(DiffuserConfig, {"horizn": 32}, "policy")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: diffuser\ntask: pointmaze-umaze\ntrian: {}\n")
+    with pytest.raises(ConfigError, match="trian"):
+        read_config(bad)
+    with pytest.raises(ConfigError, match="kind"):
+        check_config({"task": TASK})
+
+
+def test_shipped_configs_parse():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    from diffplan.config import from_dict
+    from diffplan.policies.base import POLICIES
+
+    paths = sorted(root.rglob("*.yaml"))
+    assert paths
+    for path in paths:
+        cfg = read_config(path)
+        from_dict(POLICIES[cfg["kind"]].Config, cfg.get("policy"), str(path))
+
+
+def test_replanning_every_k_steps_replans_on_schedule(trained):
+    policy, _ = trained
+    cfg = policy.planner.config
+    saved = cfg.n_action_steps
+    cfg.n_action_steps = 4
+    try:
+        policy.reset(seed=0)
+        obs = _obs(seed=5)
+        counts = []
+        for _ in range(8):
+            before = policy.planner.num_plans
+            policy.act(obs)
+            counts.append(policy.planner.num_plans - before)
+        assert counts == [1, 0, 0, 0, 1, 0, 0, 0]
+    finally:
+        cfg.n_action_steps = saved
