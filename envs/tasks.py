@@ -9,6 +9,7 @@ all of them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 from collections.abc import Callable, Mapping
@@ -114,14 +115,19 @@ class TaskCard:
 
     def load_dataset(self, progress: bool = True, force: bool = False) -> OfflineDataset:
         """The task's dataset: read from the Minari cache, or made and cached first
-        (always made when `force`)."""
+        (always made when `force`). Processes that ask at once (e.g. DDP ranks) make it once:
+        the others wait on a lock file, then read the cache."""
         from diffplan.data import from_minari
+
         if not force and self.dataset_is_made():
             return from_minari(self.dataset_id)
-        data = self.make_dataset(progress=progress)
-        data.to_minari(self.dataset_id, force=True, eval_env=self.eval_env_spec(),
-                       description=self.recipe, algorithm_name=f"diffplan recipe: {self.name}",
-                       progress=progress)
+        with _make_lock(self.dataset_id):
+            if not force and self.dataset_is_made():  # made by another process meanwhile
+                return from_minari(self.dataset_id)
+            data = self.make_dataset(progress=progress)
+            data.to_minari(self.dataset_id, force=True, eval_env=self.eval_env_spec(),
+                           description=self.recipe,
+                           algorithm_name=f"diffplan recipe: {self.name}", progress=progress)
         return data
 
     def replace(self, **changes: Any) -> TaskCard:
@@ -130,6 +136,27 @@ class TaskCard:
     def __repr__(self) -> str:
         return (f"TaskCard({self.name!r}, env_id={self.env_id!r}, episode_steps="
                 f"{self.episode_steps}, refs=({self.ref_min_score}, {self.ref_max_score}))")
+
+
+@contextlib.contextmanager
+def _make_lock(dataset_id: str):
+    """An exclusive lock file in the Minari root's hidden ``.locks`` folder (which Minari's
+    listings skip); POSIX only, a no-op elsewhere."""
+    from diffplan.data import datasets_root
+
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    path = datasets_root() / ".locks" / (dataset_id.replace("/", "__") + ".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 _REGISTRY: dict[str, TaskCard] = {}

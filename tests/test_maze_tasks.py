@@ -178,3 +178,40 @@ def test_draw_maze_draws_walls_and_goal():
     walls = int(get_maze("pointmaze-large").maze_map.sum())
     assert len(ax.patches) == walls + 1  # walls plus the floor
     assert ax.get_xlim() == (-6.0, 6.0) and ax.get_ylim() == (-4.5, 4.5)
+
+
+def _load_in_subprocess(root, name, steps, queue):
+    import os
+
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    base = get_task("pointmaze-umaze")
+
+    def counted_build(*args):
+        with open(root / "builds.txt", "a") as log:
+            log.write("built\n")
+        return base.build_dataset(*args)
+
+    card = base.replace(name=name, dataset_steps=steps, build_dataset=counted_build)
+    registry._REGISTRY[name] = card
+    queue.put(len(card.load_dataset(progress=False)))
+
+
+def test_concurrent_loads_make_the_dataset_once(minari_root):
+    """Two processes (e.g. DDP ranks) asking for an unmade dataset: one makes it, one reads it."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_load_in_subprocess,
+                         args=(minari_root, "pointmaze-umaze-race", 1000, queue))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert [queue.get(), queue.get()] == [1000, 1000]
+    assert (minari_root / "builds.txt").read_text() == "built\n"
+    import minari
+
+    assert list(minari.list_local_datasets()) == ["diffplan/pointmaze-umaze-race-v0"]
