@@ -75,26 +75,31 @@ def _machine() -> str:
 
 
 def _commit() -> str:
+    """Short HEAD, with ``+dirty`` when diffplan/ or envs/ have uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=RESULTS.parent).stdout.strip()
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, check=True, cwd=RESULTS.parent)
-        return out.stdout.strip()
+        dirty = git("status", "--porcelain", "--", "../diffplan", "../envs")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def _append_row(row: str) -> None:
-    """Add `row` at the end of the data_make table, creating the file or section if needed."""
+    """Add `row` after the last row of the data_make table, creating the file or section if
+    needed (notes written under the table stay under it)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
     if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{_DESCRIPTION}\n\n{HEADER}"
-        text += row
+        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{_DESCRIPTION}\n\n{HEADER}{row}"
     else:
         start = text.index(SECTION)
         nxt = text.find("\n## ", start + len(SECTION))
         end = len(text) if nxt < 0 else nxt + 1
-        section = text[start:end].rstrip("\n") + "\n" + row
-        text = text[:start] + section + ("\n" + text[end:] if nxt >= 0 else "")
+        lines = text[start:end].splitlines(keepends=True)
+        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
+        lines.insert(last + 1, row)
+        text = text[:start] + "".join(lines) + text[end:]
     RESULTS.write_text(text)
 
 
