@@ -7,6 +7,10 @@ every command is one ``cmd_<group>_<name>(args) -> int`` function. Errors a user
     diffplan data list                  tasks, and whether each dataset is made
     diffplan data make NAME [--force]   run a task's dataset recipe and cache it (Minari)
     diffplan data info NAME|ID|PATH     counts, episode stats, return distribution, ref scores
+    diffplan train CONFIG.yaml          train a policy (checkpoints, logs, resume)
+    diffplan eval CHECKPOINT            score a checkpoint on its task, write report + metrics.json
+    diffplan bench CHECKPOINT           act() latency, decisions/s, network evaluations
+    diffplan demo                       evaluate the shipped pointmaze-umaze Diffuser
 """
 
 from __future__ import annotations
@@ -18,12 +22,16 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pathlib import Path
+
+from diffplan.config import ConfigError
 from diffplan.data import DatasetError
 from diffplan.envs import UnknownTaskError
+from diffplan.train.checkpoint import CheckpointError
 
 # Exceptions that mean "the request was wrong", reported as one line (exit code 2).
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnknownTaskError,
-                                                 FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnknownTaskError, ConfigError,
+                                                 CheckpointError, FileNotFoundError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffplan", description="Planning with diffusion models: data, training, evaluation.")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     add_data_commands(groups)
+    add_policy_commands(groups)
     return parser
 
 
@@ -124,6 +133,131 @@ def cmd_data_info(args) -> int:
     _print_histogram(data.episode_returns(), "episode returns")
     if data.ref_min_score is not None and data.ref_max_score is not None:
         print(f"refs      min {data.ref_min_score:g}  max {data.ref_max_score:g}")
+    return 0
+
+
+# ---- diffplan train / eval / bench / demo -------------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEMO_CHECKPOINT = "checkpoints/pointmaze-umaze/diffuser"
+
+
+def add_policy_commands(groups) -> None:
+    p = groups.add_parser("train", help="train a policy from a YAML config")
+    p.add_argument("config", help="YAML config, e.g. configs/diffuser/pointmaze-umaze.yaml")
+    p.add_argument("--out", help="run folder (default runs/<config name>)")
+    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.set_defaults(func=cmd_train)
+
+    p = groups.add_parser("eval", help="evaluate a checkpoint on its task")
+    p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its latest checkpoint)")
+    _eval_args(p, episodes=100)
+    p.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
+    p.add_argument("--no-metrics", action="store_true", help="do not write metrics.json into the checkpoint")
+    p.set_defaults(func=cmd_eval)
+
+    p = groups.add_parser("bench", help="act() latency, decisions/s and network evaluations")
+    p.add_argument("checkpoint")
+    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--steps", help="comma-separated solver step counts (default: the policy's)")
+    p.add_argument("--warm-start", action="store_true", help="warm-start replans from the last plan")
+    p.add_argument("--calls", type=int, default=200, help="act() calls timed per row")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = groups.add_parser("demo", help="evaluate the shipped pointmaze-umaze Diffuser (about a minute)")
+    _eval_args(p, episodes=30)
+    p.add_argument("--checkpoint", default=DEMO_CHECKPOINT)
+    p.add_argument("--out", default="diffplan-demo", help="report folder (default ./diffplan-demo)")
+    p.set_defaults(func=cmd_demo)
+
+
+def _eval_args(p, episodes: int) -> None:
+    p.add_argument("--episodes", type=int, default=episodes)
+    p.add_argument("--num-envs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--video", action="store_true", help="also write an animated GIF of one episode")
+
+
+def _find(path: str) -> Path:
+    """A path as given, or relative to the repository (for shipped checkpoints and configs)."""
+    p = Path(path)
+    if p.exists() or p.is_absolute():
+        return p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+
+
+def cmd_train(args) -> int:
+    from diffplan.policies.training import read_config, train_policy
+
+    path = _find(args.config)
+    cfg = read_config(path)
+    out = Path(args.out or Path("runs") / path.stem)
+    print(f"training {cfg['kind']} on {cfg.get('task') or cfg.get('dataset')} -> {out}")
+    train_policy(cfg, out, steps=args.steps, device=args.device, resume=args.resume)
+    print(f"done: load it with diffplan.load_policy({str(out)!r}) or `diffplan eval {out}`")
+    return 0
+
+
+def _evaluate(checkpoint: Path, args, out: Path, write_metrics: bool):
+    from diffplan.eval import evaluate
+    from diffplan.policies import load_policy
+    from diffplan.train.checkpoint import load_checkpoint
+
+    policy = load_policy(checkpoint, device=args.device)
+    task = policy.spec.task
+    if task is None:
+        raise ConfigError(f"{checkpoint} does not name its task; evaluate it from Python with evaluate()")
+    report = evaluate(policy, task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
+                      progress=True)
+    report.save(out, video=args.video)
+    if write_metrics:
+        folder = Path(getattr(policy, "checkpoint_path", checkpoint))
+        tmp = folder / "metrics.json.tmp"
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        tmp.replace(folder / "metrics.json")
+    print(report.summary())
+    print(f"report: {out / 'report.json'}, picture: {out / 'report.png'}"
+          + (f", video: {out / 'episode.gif'}" if args.video else ""))
+    return report
+
+
+def cmd_eval(args) -> int:
+    ckpt = _find(args.checkpoint)
+    _evaluate(ckpt, args, Path(args.out) if args.out else ckpt / "eval", not args.no_metrics)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    ckpt = _find(args.checkpoint)
+    if not ckpt.exists():
+        raise FileNotFoundError(f"shipped checkpoint {args.checkpoint} not found; run from the repository "
+                                "or pass --checkpoint")
+    print(f"diffplan demo: {ckpt} on its task, {args.episodes} episodes, {args.num_envs} envs in parallel")
+    report = _evaluate(ckpt, args, Path(args.out), write_metrics=False)
+    print(f"score {report.normalized_mean:.1f} ± {report.normalized_stderr:.1f} (the expert is 100), "
+          f"{report.decisions_per_s:.0f} decisions/s")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from diffplan.policies import load_policy
+    from diffplan.runtime.bench import bench_policy, format_table
+
+    policy = load_policy(_find(args.checkpoint), device=args.device)
+    batches = [int(b) for b in args.batch.split(",")]
+    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
+    rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None)
+            for b in batches for s in steps]
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(f"{policy.kind} ({policy.spec.task}) on {args.device}")
+        print(format_table(rows))
     return 0
 
 
