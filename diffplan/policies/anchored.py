@@ -104,6 +104,7 @@ class AnchoredConfig:
     l1_weight: float = 1.0
     cls_weight: float = 0.5
     temperature: float = 0.0  # 0: top logit; > 0: sample softmax(logits / temperature)
+    pad: bool = False  # also train on chunks running past an episode's end, zero-padded (rest at the goal)
     kmeans_samples: int = 200_000  # chunks used to fit the anchors
     kmeans_iters: int = 100
     seed: int = 0
@@ -298,7 +299,7 @@ class AnchoredDiffusionPolicy(PolicyBase):
         """Chunks of H_a actions that lie inside one episode, with the observation before them."""
         from diffplan.data import SequenceWindows
 
-        return SequenceWindows(dataset, self.config.chunk, keys=("observations", "actions"),
+        return SequenceWindows(dataset, self.config.chunk, keys=("observations", "actions"), pad=self.config.pad,
                                goal=bool(self.goal_dim) and dataset.goals is not None)
 
     def batches(self, dataset, batch_size: int):
