@@ -1,0 +1,276 @@
+"""Samplers over an ``x0`` denoiser, in the style of k-diffusion's ``sampling.py``.
+
+Every solver is ``solver(denoise, x, ts, schedule, ...) -> x`` where
+
+* ``denoise(x_t (B, H, D), t (B,)) -> x0 estimate (B, H, D)`` (see ``objectives.make_denoiser``),
+* ``x`` is the sample at noise level ``ts[0]``,
+* ``ts`` is the decreasing noise-level grid ``(n + 1,)``; the solver takes ``n`` steps and
+  returns the sample at ``ts[-1]`` (``0``: clean). Truncated sampling, warm starts and
+  ``diffusers``-style discrete grids are all just other grids.
+
+Optional hooks, both plain callables: ``guide(x, i) -> x`` runs before the (first) denoiser call
+of step ``i``; ``constrain(x) -> x`` runs after every step (inpainting). ``sample()`` builds them.
+
+Each solver first computes its per-step coefficients for the whole grid (float64, one batch of
+tensor ops), then runs a loop of tensor arithmetic with no host synchronisation, no Python
+branching on tensor values and nothing allocated but the step's results, so it can be captured
+by ``torch.compile`` or a CUDA graph. Notation: step ``i`` goes from ``t = ts[i]`` to
+``s = ts[i + 1]``; ``alpha_t, sigma_t`` etc. are the schedule at those levels.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .constraints import as_constraints
+from .schedules import Schedule
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Hook = Callable[..., torch.Tensor] | None
+
+
+# --- shared pieces ------------------------------------------------------------------------------
+def _coef_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float32 if x.device.type == "mps" else torch.float64
+
+
+def _grid(schedule: Schedule, ts, x: torch.Tensor):
+    """``(t, alpha, sigma)`` on the grid, float64 on ``x``'s device."""
+    t = torch.as_tensor(ts).to(device=x.device, dtype=_coef_dtype(x))
+    return t, schedule.alpha(t), schedule.sigma(t)
+
+
+def _per_step(x: torch.Tensor, *coefs: torch.Tensor):
+    """Per-step 0-d coefficient tensors in ``x.dtype`` (one ``unbind`` each, before the loop)."""
+    return [c.to(x.dtype).unbind(0) for c in coefs]
+
+
+def _batch_times(t: torch.Tensor, x: torch.Tensor):
+    """``t[i]`` as ``(B,)`` views for the denoiser."""
+    return t.to(x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
+
+
+def _first_order(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, k_x, k_d, k_z=None, generator=None,
+                 guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
+    """The loop every one-evaluation-per-step solver shares: ``x <- k_x x + k_d D(x, t) + k_z z``."""
+    k_x, k_d = _per_step(x, k_x, k_d)
+    k_z = None if k_z is None else _per_step(x, k_z)[0]
+    times = _batch_times(t, x)
+    z = None if k_z is None else torch.empty_like(x)
+    for i in range(len(k_x)):
+        if guide is not None:
+            x = guide(x, i)
+        d = denoise(x, times[i])
+        x = k_x[i] * x + k_d[i] * d
+        if z is not None:
+            x = x + k_z[i] * z.normal_(generator=generator)
+        if constrain is not None:
+            x = constrain(x)
+    return x
+
+
+# --- solvers ------------------------------------------------------------------------------------
+def ddpm(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, generator: torch.Generator | None = None,
+         guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
+    """Ancestral sampling from the DDPM posterior ``q(x_s | x_t, x0 = D(x_t))`` (Ho et al. 2020, eqs. 6-7).
+
+    For a general ``(alpha, sigma)`` schedule (Kingma et al. 2021, eqs. 31-34) with
+    ``alpha_ts = alpha_t / alpha_s`` and ``sigma2_ts = sigma_t^2 - alpha_ts^2 sigma_s^2``:
+    ``mean = alpha_ts sigma_s^2 / sigma_t^2 x_t + alpha_s sigma2_ts / sigma_t^2 x0``,
+    ``var = sigma2_ts sigma_s^2 / sigma_t^2`` ("fixed small" variance). Identical to
+    ``ddim(eta=1)`` and to ``diffusers.DDPMScheduler`` on the same grid.
+    """
+    t, a, s = _grid(schedule, ts, x)
+    a_t, s_t, a_s, s_s = a[:-1], s[:-1], a[1:], s[1:]
+    alpha_ts = a_t / a_s
+    sigma2_ts = (s_t**2 - alpha_ts**2 * s_s**2).clamp(min=0)
+    k_x = alpha_ts * s_s**2 / s_t**2
+    k_d = a_s * sigma2_ts / s_t**2
+    k_z = (sigma2_ts * s_s**2 / s_t**2).sqrt()
+    return _first_order(denoise, x, t, k_x, k_d, k_z, generator, guide, constrain)
+
+
+def ddim(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, eta: float = 0.0,
+         generator: torch.Generator | None = None, guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12): ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z``.
+
+    ``eps_hat = (x_t - alpha_t x0) / sigma_t`` and ``c = eta * sqrt(var of q(x_s | x_t, x0))``
+    (eq. 16, written for any schedule): ``eta = 0`` is the deterministic probability-flow
+    sampler (first-order exponential integrator), ``eta = 1`` is DDPM.
+    """
+    t, a, s = _grid(schedule, ts, x)
+    a_t, s_t, a_s, s_s = a[:-1], s[:-1], a[1:], s[1:]
+    c = eta * (s_s / s_t) * (s_t**2 - (a_t * s_s / a_s) ** 2).clamp(min=0).sqrt()
+    k_x = (s_s**2 - c**2).clamp(min=0).sqrt() / s_t
+    k_d = a_s - k_x * a_t
+    return _first_order(denoise, x, t, k_x, k_d, c if eta > 0 else None, generator, guide, constrain)
+
+
+def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, lower_order_final: bool = True,
+             guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
+    """DPM-Solver++(2M), data prediction (Lu et al. 2022, Alg. 2), as in ``diffusers`` ``dpmsolver++`` order 2.
+
+    With ``lambda = log(alpha / sigma)``, ``h_i = lambda_s - lambda_t`` and ``r_i = h_{i-1} / h_i``:
+    ``x_s = (sigma_s / sigma_t) x_t - alpha_s (e^{-h_i} - 1) D_hat``,
+    ``D_hat = (1 + 1/(2 r_i)) D_i - 1/(2 r_i) D_{i-1}``.
+    The first step is first order (``D_hat = D_0``); so is a step that lands on ``sigma = 0``
+    (``h = inf``), and, with ``lower_order_final``, the last step when there are fewer than 15
+    (the stabilisation of Lu et al. sec. 5 / ``diffusers``' ``lower_order_final``).
+    """
+    t, a, s = _grid(schedule, ts, x)
+    n = t.shape[0] - 1
+    lam = a.log() - s.log()
+    h = lam[1:] - lam[:-1]
+    k_x = s[1:] / s[:-1]
+    k_d = a[1:] - s[1:] * a[:-1] / s[:-1]  # = -alpha_s (e^{-h} - 1), exact also at sigma_s = 0
+    q = torch.cat([torch.zeros_like(h[:1]), h[1:] / (2 * h[:-1])])  # 1 / (2 r_i)
+    q = torch.where(s[1:] > 0, q, torch.zeros_like(q))
+    if lower_order_final and n < 15:
+        q[-1] = 0.0
+    k_x, k_d, q = _per_step(x, k_x, k_d, q)
+    times = _batch_times(t, x)
+    d_prev = None
+    for i in range(n):
+        if guide is not None:
+            x = guide(x, i)
+        d = denoise(x, times[i])
+        d_hat = d if d_prev is None else torch.lerp(d, d_prev, -q[i])  # (1 + q) d - q d_prev
+        x = k_x[i] * x + k_d[i] * d_hat
+        d_prev = d
+        if constrain is not None:
+            x = constrain(x)
+    return x
+
+
+def _ode_coefficients(schedule: Schedule, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
+    """Probability-flow ODE ``dx/dt = alpha' D + sigma' (x - alpha D) / sigma = p x + q D``."""
+    da, ds = schedule.derivatives(t)
+    p = ds / s
+    return p, da - a * p
+
+
+def euler(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hook = None,
+          constrain: Hook = None) -> torch.Tensor:
+    """Euler steps in ``t`` on the probability-flow ODE ``dx/dt = alpha' D + sigma' (x - alpha D) / sigma``.
+
+    For rectified flow this is the usual flow sampler ``x <- x + (s - t) v`` with
+    ``v = (x - D) / t`` (and coincides with DDIM). For VP schedules it works too but is much
+    less accurate per step than ``ddim`` / ``dpmpp_2m``, which integrate the linear part exactly.
+    """
+    t, a, s = _grid(schedule, ts, x)
+    p, q = _ode_coefficients(schedule, t, a, s)
+    dt = t[1:] - t[:-1]
+    return _first_order(denoise, x, t, 1 + dt * p[:-1], dt * q[:-1], guide=guide, constrain=constrain)
+
+
+def heun(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hook = None,
+         constrain: Hook = None) -> torch.Tensor:
+    """Heun's 2nd-order method in ``t`` on the same ODE as ``euler`` (Karras et al. 2022, Alg. 1, no churn).
+
+    Every step but the last is Euler followed by the trapezoidal correction with the
+    derivative at ``s``; the last step is Euler, because it usually lands on ``sigma = 0``
+    where the derivative is undefined (EDM does the same). ``2n - 1`` denoiser calls. The
+    constraints are applied to the Euler predictor too; guidance only before the first call.
+    """
+    t, a, s = _grid(schedule, ts, x)
+    n = t.shape[0] - 1
+    p, q = _ode_coefficients(schedule, t, a, s)
+    dt = t[1:] - t[:-1]
+    p, q, dt, half_dt = _per_step(x, p, q, dt, dt / 2)
+    times = _batch_times(t, x)
+    for i in range(n):
+        if guide is not None:
+            x = guide(x, i)
+        d = p[i] * x + q[i] * denoise(x, times[i])
+        x_euler = x + dt[i] * d
+        if i < n - 1:
+            if constrain is not None:
+                x_euler = constrain(x_euler)
+            d_next = p[i + 1] * x_euler + q[i + 1] * denoise(x_euler, times[i + 1])
+            x = x + half_dt[i] * (d + d_next)
+        else:
+            x = x_euler
+        if constrain is not None:
+            x = constrain(x)
+    return x
+
+
+SOLVERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "heun": heun}
+
+
+# --- the entry point --------------------------------------------------------------------------
+def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, device=None,
+              dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """The default grid: ``steps + 1`` levels uniform in ``t`` from ``t_start`` down to ``t_end``."""
+    return torch.linspace(t_start, t_end, steps + 1, device=device, dtype=dtype)
+
+
+def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 10,
+           t_start: float = 1.0, t_end: float = 0.0, constraints=None, guidance=None,
+           generator: torch.Generator | None = None, noise_prior: bool = True, eta: float | None = None,
+           ts: torch.Tensor | None = None) -> torch.Tensor:
+    """Sample ``x0 (B, H, D)`` with ``solver`` on the grid ``time_grid(steps, t_start, t_end)``.
+
+    * Start: ``noise_prior=True`` and ``t_start >= 1``: pure noise ``sigma(1) eps`` (``x_init``
+      only gives shape, dtype, device). ``noise_prior=True`` and ``t_start < 1``: ``x_init`` is a
+      prior (anchor, draft, previous plan), noised to ``alpha(t_start) x_init + sigma(t_start) eps``.
+      ``noise_prior=False``: ``x_init`` is already the sample at ``t_start``.
+    * ``steps == 0``: returns ``x_init`` with the constraints applied.
+    * ``constraints``: a ``Constraints`` (or a list), applied to the start and after every step.
+    * ``guidance``: a ``ValueGuidance``, applied before the denoiser call of each step with
+      ``t >= guidance.t_stopgrad``.
+    * ``eta``: DDIM's stochasticity (``solver="ddim"`` only; default 0).
+    * ``generator``: makes the start noise and the ddpm/ddim noise reproducible.
+    * ``ts``: an explicit decreasing grid (e.g. ``schedule.discrete(T).grid(diffusers_timesteps)``),
+      overriding ``steps, t_start, t_end``.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
+    if eta is not None and solver != "ddim":
+        raise ValueError(f"eta applies to solver='ddim' only, not {solver!r}")
+    if x_init.dim() != 3:
+        raise ValueError(f"x_init must be (B, H, D), got shape {tuple(x_init.shape)}")
+    constraints = as_constraints(constraints)
+    constrain = None
+    if constraints is not None:
+        mask, fill = constraints.dense(x_init)
+
+        def constrain(x):
+            return torch.where(mask, fill, x)
+
+    if ts is None:
+        if steps == 0:
+            return x_init if constrain is None else constrain(x_init)
+        if not 0.0 <= t_end < t_start <= 1.0:
+            raise ValueError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
+        ts = time_grid(steps, t_start, t_end, device=x_init.device, dtype=_coef_dtype(x_init))
+        t_host = [t_start + (t_end - t_start) * i / steps for i in range(steps + 1)]
+    else:
+        ts = torch.as_tensor(ts).to(device=x_init.device, dtype=_coef_dtype(x_init))
+        if ts.shape[0] < 2:
+            return x_init if constrain is None else constrain(x_init)
+        t_host = None
+
+    x = x_init
+    if noise_prior:
+        t0 = ts[:1]
+        a0, s0 = schedule.alpha(t0).to(x.dtype), schedule.sigma(t0).to(x.dtype)
+        eps = torch.randn(x_init.shape, generator=generator, device=x_init.device, dtype=x_init.dtype)
+        x = torch.where(t0.to(x.dtype) >= 1, s0 * eps, a0 * x_init + s0 * eps)
+    if constrain is not None:
+        x = constrain(x)
+
+    guide = None
+    if guidance is not None:
+        t_host = ts.tolist() if t_host is None else t_host  # one sync, before the loop
+        active = [tv >= guidance.t_stopgrad for tv in t_host[:-1]]
+        times = _batch_times(ts, x)
+
+        def guide(x, i):
+            return guidance(x, times[i], constrain) if active[i] else x
+
+    kwargs = {"generator": generator} if solver in ("ddpm", "ddim") else {}
+    if eta is not None:
+        kwargs["eta"] = eta
+    return SOLVERS[solver](denoise, x, ts, schedule, guide=guide, constrain=constrain, **kwargs)
