@@ -8,6 +8,9 @@ from diffplan.policies.anchored import AnchoredConfig, AnchoredDiffusionPolicy  
 from diffplan.policies.bc import BCConfig, BCPolicy  # noqa: E402
 
 __all__ += ["AnchoredConfig", "AnchoredDiffusionPolicy", "BCConfig", "BCPolicy"]
+from diffplan.policies.trajectory_diffuser import TrajectoryDiffuser, TrajectoryDiffuserConfig  # noqa: E402
+
+__all__ += ["TrajectoryDiffuser", "TrajectoryDiffuserConfig"]
 from diffplan.policies.diffusion_policy import DiffusionPolicy, DiffusionPolicyConfig  # noqa: E402
 
 __all__ += ["DiffusionPolicy", "DiffusionPolicyConfig"]

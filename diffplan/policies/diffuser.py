@@ -116,20 +116,11 @@ class DiffuserPlanner(PolicyBase):
 
     def _goal_states_np(self, goals: np.ndarray) -> np.ndarray:
         """Rest states at the goal: [goal, 0, ...] rows of width self.dim."""
-        out = np.zeros((len(goals), self.dim), np.float32)
-        out[:, : goals.shape[1]] = goals
-        return out
+        return goal_rest_states(goals, self.dim)
 
     def _windows(self, dataset) -> SequenceWindows:
         keys = ("observations", "actions") if self.config.with_actions else ("observations",)
-        pad_fn = None
-        if self.config.pad and dataset.goals is not None:
-            gd = dataset.goals.shape[1]
-
-            def pad_fn(last_obs, goal):
-                row = np.zeros_like(last_obs)
-                row[..., :gd] = goal
-                return row
+        pad_fn = rest_at_goal_pad if self.config.pad and dataset.goals is not None else None
         return SequenceWindows(dataset, self.config.horizon, keys=keys, pad=self.config.pad,
                                pad_obs_fn=pad_fn, value=self.config.value_guided,
                                discount=self.config.discount)
@@ -152,11 +143,7 @@ class DiffuserPlanner(PolicyBase):
 
     def _conditions(self, x0n: torch.Tensor) -> Constraints:
         """Training-time inpainting: the window's own first (and, for goal tasks, last) state."""
-        c = Constraints([0], list(range(self.obs_dim)), x0n[:, :1, : self.obs_dim])
-        if self.spec.goal_dim:
-            c = c + Constraints([self.config.horizon - 1], list(range(self.obs_dim)),
-                                x0n[:, -1:, : self.obs_dim])
-        return c
+        return window_constraints(x0n, self.obs_dim, bool(self.spec.goal_dim))
 
     def loss(self, batch):
         x0 = self.normalizer.normalize(batch["x"])
@@ -179,15 +166,7 @@ class DiffuserPlanner(PolicyBase):
     # ------------------------------------------------------------------ planning
     def constraints(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Constraints:
         """Inpainting at plan time: normalized current state at step 0, [goal, 0, ...] at H-1."""
-        dims = list(range(self.obs_dim))
-        start = torch.zeros(obs.shape[0], 1, self.dim, device=obs.device, dtype=obs.dtype)
-        start[:, 0, : self.obs_dim] = obs
-        c = Constraints([0], dims, self.normalizer.normalize(start)[:, :, : self.obs_dim])
-        if goal is not None:
-            end = torch.zeros_like(start)
-            end[:, 0, : goal.shape[1]] = goal
-            c = c + Constraints([self.config.horizon - 1], dims, self.normalizer.normalize(end)[:, :, : self.obs_dim])
-        return c
+        return plan_constraints(self.normalizer, obs, goal, self.config.horizon, self.obs_dim)
 
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D)."""
@@ -224,13 +203,66 @@ class DiffuserPlanner(PolicyBase):
             i = index.clamp(max=h - 1)
             step = plans[torch.arange(plans.shape[0], device=plans.device), i]
             return self.normalizer.unnormalize(step)[:, self.obs_dim:]
-        # PD tracking toward the next waypoint; past the plan's end, rest at its last state.
-        nxt = (index + 1).clamp(max=h - 1)
-        wp = self.normalizer.unnormalize(plans[torch.arange(plans.shape[0], device=plans.device), nxt])
-        wp = wp[:, : self.obs_dim].clone()
-        k = self.spec.act_dim  # position dims; the next k dims are their velocities
-        wp[:, k: 2 * k] = torch.where((index + 1 >= h)[:, None], torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
-        return self.config.kp * (wp[:, :k] - obs[:, :k]) + self.config.kd * (wp[:, k: 2 * k] - obs[:, k: 2 * k])
+        return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
+                           self.config.kp, self.config.kd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Maze pieces shared with the other state-trajectory planners (e.g. TrajectoryDiffuser).
+
+def goal_rest_states(goals: np.ndarray, dim: int) -> np.ndarray:
+    """Rest states at the goal: ``[goal, 0, ...]`` rows (N, dim) for goals (N, goal_dim)."""
+    out = np.zeros((len(goals), dim), np.float32)
+    out[:, : goals.shape[1]] = goals
+    return out
+
+
+def rest_at_goal_pad(last_obs: np.ndarray, goal: np.ndarray) -> np.ndarray:
+    """``SequenceWindows`` padding past a segment's end: rest at ``[goal, 0, ...]``
+    (teaches "arrive, then rest", which matches the end constraint of a plan)."""
+    row = np.zeros_like(last_obs)
+    row[..., : goal.shape[-1]] = goal
+    return row
+
+
+def window_constraints(x0n: torch.Tensor, obs_dim: int, goal_task: bool) -> Constraints:
+    """Training-time inpainting of normalized windows (B, H, D): the window's own first state,
+    and for goal tasks its last state."""
+    dims = list(range(obs_dim))
+    c = Constraints([0], dims, x0n[:, :1, :obs_dim])
+    if goal_task:
+        c = c + Constraints([x0n.shape[1] - 1], dims, x0n[:, -1:, :obs_dim])
+    return c
+
+
+def plan_constraints(normalizer, obs: torch.Tensor, goal: torch.Tensor | None, horizon: int,
+                     obs_dim: int) -> Constraints:
+    """Plan-time inpainting: normalized current state obs (B, obs_dim) at step 0 and, for goal
+    tasks, the rest state ``[goal, 0, ...]`` (goal: (B, goal_dim)) at step H-1. ``normalizer``
+    covers the plan's D >= obs_dim features; only the first obs_dim are constrained."""
+    dims = list(range(obs_dim))
+    start = torch.zeros(obs.shape[0], 1, normalizer.dim, device=obs.device, dtype=obs.dtype)
+    start[:, 0, :obs_dim] = obs
+    c = Constraints([0], dims, normalizer.normalize(start)[:, :, :obs_dim])
+    if goal is not None:
+        end = torch.zeros_like(start)
+        end[:, 0, : goal.shape[1]] = goal
+        c = c + Constraints([horizon - 1], dims, normalizer.normalize(end)[:, :, :obs_dim])
+    return c
+
+
+def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch.Tensor,
+                obs_dim: int, act_dim: int, kp: float = 1.0, kd: float = 1.0) -> torch.Tensor:
+    """Diffuser's maze controller ``a = kp (wp_xy - xy) + kd (wp_vel - vel)`` toward waypoint
+    ``index + 1`` of the normalized plans (B, H, D); past the plan's end, rest at its last state.
+    The first act_dim state dims are positions and the next act_dim their velocities."""
+    h = plans.shape[1]
+    nxt = (index + 1).clamp(max=h - 1)
+    wp = normalizer.unnormalize(plans[torch.arange(plans.shape[0], device=plans.device), nxt])
+    wp = wp[:, :obs_dim].clone()
+    k = act_dim
+    wp[:, k: 2 * k] = torch.where((index + 1 >= h)[:, None], torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
+    return kp * (wp[:, :k] - obs[:, :k]) + kd * (wp[:, k: 2 * k] - obs[:, k: 2 * k])
 
 
 def _more_noise(noise: torch.Tensor, n: int) -> torch.Tensor:

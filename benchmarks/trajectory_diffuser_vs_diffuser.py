@@ -1,0 +1,187 @@
+"""Trajectory Diffuser against Diffuser on the same episodes, seeds and CPU.
+
+For every maze where both have a checkpoint (``checkpoints/<task>/{diffuser,trajectory_diffuser}``)
+it measures, in one run:
+
+* normalized score over ``--episodes`` episodes (mean ± standard error), every planner on the
+  same env seeds (``evaluate(..., seed=--seed)``) and with seeded plan noise;
+* network evaluations per plan: U-Net passes, and drafter (transformer) passes for TD;
+* ``act`` latency p50/p99 at batch 1 (``diffplan.runtime.bench.bench_policy``: most calls only
+  read an action off the current plan), and plan latency p50/p99 at batch 1: an ``act`` that
+  replans, timed with the planners interleaved so that load on the shared CPU hits both alike.
+
+Trajectory Diffuser is run as configured and in a few variants (refinement steps k, the
+un-noised reference variant, guidance weight). The table is printed and appended, with date,
+machine and commit, to ``benchmarks/RESULTS.md``.
+
+    python benchmarks/trajectory_diffuser_vs_diffuser.py --episodes 100
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (label, overrides of the TD config); the first row is the checkpoint's own config
+VARIANTS = [
+    ("as configured", {}),
+    ("k=0 (draft only)", {"refine_steps": 0}),
+    ("k=1", {"refine_steps": 1}),
+    ("k=5", {"refine_steps": 5}),
+    ("k=2, un-noised draft (reference)", {"refine_steps": 2, "noise_draft": False}),
+    ("k=2, w=0 (no goal input)", {"refine_steps": 2, "guidance_w": 0.0}),
+    ("k=2, w=1.2 (CFG)", {"refine_steps": 2, "guidance_w": 1.2}),
+]
+
+
+def variant(policy, overrides: dict):
+    """A copy of ``policy`` sharing its weights, with config fields overridden."""
+    v = copy.copy(policy)
+    v.config = copy.replace(policy.config, **overrides) if hasattr(copy, "replace") else \
+        type(policy.config)(**{**policy.config.__dict__, **overrides})
+    v.default_steps = v.config.refine_steps
+    from diffplan.runtime.planner import Planner
+
+    v.planner = Planner(v, copy.deepcopy(policy.planner.config))
+    return v
+
+
+def count_calls(module) -> tuple[dict, list]:
+    state = {"calls": 0}
+    hook = module.register_forward_hook(lambda *_: state.__setitem__("calls", state["calls"] + 1))
+    return state, [hook]
+
+
+def plan_latencies(policies: dict, obs, rounds: int) -> dict:
+    """Interleaved replanning ``act`` calls at batch 1: name -> (latencies ms, U-Net, drafter passes)."""
+    out = {name: [] for name in policies}
+    evals = {}
+    for name, p in policies.items():  # warm-up and network-evaluation counts
+        unet, h1 = count_calls(p.net)
+        drafter, h2 = count_calls(p.drafter) if hasattr(p, "drafter") else ({"calls": 0}, [])
+        for _ in range(3):
+            p.reset()
+            p.act(obs)
+        for h in h1 + h2:
+            h.remove()
+        evals[name] = (unet["calls"] / 3, drafter["calls"] / 3)
+    for _ in range(rounds):
+        for name, p in policies.items():
+            p.reset()
+            t0 = time.perf_counter()
+            p.act(obs)
+            out[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: (np.asarray(out[name]), *evals[name]) for name in policies}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def commit() -> str:
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "diffplan"], check=False, cwd=ROOT).returncode
+        return sha + (" (+ uncommitted diffplan changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv=None) -> str:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tasks", nargs="*", default=["pointmaze-umaze", "pointmaze-medium", "pointmaze-large"])
+    ap.add_argument("--episodes", type=int, default=100)
+    ap.add_argument("--num-envs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--latency-rounds", type=int, default=100)
+    ap.add_argument("--variants", type=int, default=len(VARIANTS), help="how many TD variants to run")
+    ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from diffplan.eval import evaluate
+    from diffplan.policies import load_policy
+    from diffplan.runtime.bench import bench_policy, example_observations
+
+    sections = []
+    for task in args.tasks:
+        paths = {k: ROOT / "checkpoints" / task / k for k in ("diffuser", "trajectory_diffuser")}
+        if not all((p / "config.yaml").is_file() for p in paths.values()):
+            print(f"{task}: skipped (needs both {paths['diffuser']} and {paths['trajectory_diffuser']})")
+            continue
+        diffuser = load_policy(paths["diffuser"], task=task)
+        td = load_policy(paths["trajectory_diffuser"], task=task)
+        if (diffuser.config.dim, tuple(diffuser.config.dim_mults)) != (td.config.dim, tuple(td.config.dim_mults)):
+            print(f"{task}: warning: U-Net sizes differ (diffuser dim {diffuser.config.dim} "
+                  f"{diffuser.config.dim_mults}, td dim {td.config.dim} {td.config.dim_mults})")
+        planners = {f"Diffuser ({diffuser.config.solver}-{diffuser.default_steps})": diffuser}
+        for label, overrides in VARIANTS[: args.variants]:
+            planners[f"TD {label}"] = variant(td, overrides)
+        for p in planners.values():
+            p.planner.config.seed = args.seed  # seeded plan noise: same draws for every planner
+
+        rows = {}
+        for name, p in planners.items():
+            t0 = time.perf_counter()
+            report = evaluate(p, task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed)
+            rows[name] = {"score": report.normalized_mean, "se": report.normalized_stderr,
+                          "success": report.success_rate, "eval_s": time.perf_counter() - t0}
+            print(f"{task} | {name}: {report.normalized_mean:.1f} ± {report.normalized_stderr:.1f} "
+                  f"({time.perf_counter() - t0:.0f} s)", flush=True)
+        obs = example_observations(diffuser, 1, seed=args.seed)
+        lat = plan_latencies(planners, obs, args.latency_rounds)
+        for name, p in planners.items():
+            b = bench_policy(p, batch=1, calls=300, seed=args.seed)
+            ms, unet, drafter = lat[name]
+            rows[name].update(act_p50=b.act_p50_ms, act_p99=b.act_p99_ms, plan_p50=float(np.percentile(ms, 50)),
+                              plan_p99=float(np.percentile(ms, 99)), unet=unet, drafter=drafter)
+        base = rows[next(iter(rows))]
+        lines = [f"### {task}: Trajectory Diffuser vs Diffuser", "",
+                 (f"{args.episodes} episodes, env seeds {args.seed}..{args.seed + args.episodes - 1}, "
+                 f"plan noise seed {args.seed}, {args.num_envs} envs per round; latency at batch 1 "
+                 f"({args.latency_rounds} interleaved replans per planner)."), "",
+                 ("| planner | normalized score | U-Net evals / plan | drafter passes / plan | plan p50 ms | "
+                 "plan p99 ms | act p50 ms | act p99 ms | plan speed-up | score vs Diffuser |"),
+                 "|---|---|---|---|---|---|---|---|---|---|"]
+        for name, r in rows.items():
+            diff = r["score"] - base["score"]
+            verdict = "—" if r is base else (f"{diff:+.1f} ({'within 1 SE or better' if diff >= -base['se'] else 'below 1 SE'})")
+            lines.append(f"| {name} | {r['score']:.1f} ± {r['se']:.1f} | {r['unet']:.0f} | {r['drafter']:.0f} | "
+                         f"{r['plan_p50']:.2f} | {r['plan_p99']:.2f} | {r['act_p50']:.3f} | {r['act_p99']:.3f} | "
+                         f"{base['plan_p50'] / r['plan_p50']:.1f}x | {verdict} |")
+        sections.append("\n".join(lines))
+        print("\n" + sections[-1] + "\n", flush=True)
+
+    if not sections:
+        return ""
+    head = (f"## {dt.date.today().isoformat()}: Trajectory Diffuser vs Diffuser "
+            f"(benchmarks/trajectory_diffuser_vs_diffuser.py)\n\nMachine: {machine()}. Commit: {commit()}.\n")
+    text = head + "\n" + "\n\n".join(sections) + "\n"
+    if not args.no_write:
+        results = ROOT / "benchmarks" / "RESULTS.md"
+        with results.open("a") as f:
+            f.write(("\n" if results.exists() and results.stat().st_size else "") + text)
+        print(f"appended to {results}")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,339 @@
+"""Trajectory Diffuser: draft a plan autoregressively, then refine it with a few diffusion steps.
+
+Follows "Diffusion Models as Optimizers for Efficient Planning in Offline RL" (Huang et al.,
+ECCV 2024). The slow part of a diffusion planner is the chain of U-Net passes that turns noise
+into a trajectory. Here a cheap causal sequence model writes a feasible draft first, and the
+diffusion model only runs the last ``k`` steps of its chain, starting from that draft.
+
+What it trains (one ``loss``, the three parts logged separately, one checkpoint)
+    * Drafter: a causal transformer (:mod:`diffplan.nn.causal_transformer`). Its tokens are the
+      states ``s_0, s_r, s_2r, ...`` after one conditioning token ``c``; the output at state
+      token ``s_jr`` predicts the next ``r = draft_stride`` states as offsets from it (MSE in
+      normalized space, teacher forcing). ``r = 1`` is the paper's one-token-per-step drafter;
+      a larger stride drafts the same full-resolution horizon in ``(H-1)/r`` autoregressive
+      steps, which is what makes drafting cheaper than a U-Net pass at batch 1 on a CPU.
+      ``c`` is the goal for goal tasks (the position part of the window's last state, which is
+      also what is inpainted at H-1) and the scaled return-to-go for reward tasks.
+    * Refiner: Diffuser's temporal U-Net over normalized state windows, with Diffuser's
+      inpainting (first state; last state for goal tasks) and the condition ``c`` given through
+      classifier-free guidance: ``c`` is replaced by the null condition with probability
+      ``cond_dropout`` during training (the paper drops the return with p = 0.5).
+    * Inverse dynamics (Decision Diffuser): an MLP ``(s_t, s_t+1) -> a_t``.
+
+How it acts
+    ``plan`` drafts ``H-1`` states from the current state with a KV cache, imposes the current
+    state (and ``[goal, 0, ...]`` at H-1) on the draft, noises it to ``t_start`` and runs ``k``
+    solver steps with the same constraints re-imposed every step. ``noise_draft: false`` is the
+    reference code's variant, which feeds the un-noised draft into the last ``k`` reverse steps.
+    ``k = 0`` returns the constrained draft. A warm start from the runtime (``warm=``) refines
+    the shifted previous plan instead of a new draft. Actions come from PD tracking of the plan
+    (``action_mode: pd``, Diffuser's maze controller) or from the inverse dynamics
+    (``action_mode: inverse``, locomotion).
+
+Guidance on the goal
+    For goal tasks the goal is already imposed at H-1 by inpainting, so the U-Net's goal input
+    is redundant information; ``guidance_w = 1`` (the default) uses the conditional model alone,
+    one network evaluation per step, and ``guidance_w != 1`` runs the guided combination
+    ``null + w (cond - null)`` as one batch of two. See the config and RESULTS.md for measured
+    effects.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from diffplan.data import (
+    GaussianNormalizer,
+    LimitsNormalizer,
+    SequenceWindows,
+    discounted_returns,
+)
+from diffplan.diffusion import cfg_denoiser, diffusion_loss, make_denoiser, sample
+from diffplan.nn import TemporalUNet
+from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerConfig
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.policies.diffuser import (
+    SCHEDULES,
+    goal_rest_states,
+    pd_tracking,
+    plan_constraints,
+    rest_at_goal_pad,
+    window_constraints,
+)
+from diffplan.runtime.planner import PlannerConfig
+
+PART_MODULES = {"drafter": "drafter", "refiner": "net", "inverse": "inverse"}  # part -> attribute
+PARTS = tuple(PART_MODULES)
+
+
+@dataclass
+class TrajectoryDiffuserConfig:
+    horizon: int = 128
+    # refiner: Diffuser's U-Net over states
+    dim: int = 32
+    dim_mults: tuple[int, ...] = (1, 2, 4)
+    schedule: str = "vp_cosine"
+    objective: str = "x0"
+    solver: str = "ddim"
+    refine_steps: int = 5  # k: solver steps that refine a draft
+    t_start: float = 0.5  # noise level the draft is noised to (or, un-noised, entered at)
+    noise_draft: bool = True  # False: the reference code's variant (refine the un-noised draft)
+    cond_dropout: float = 0.25  # classifier-free guidance: p of training with the null condition
+    guidance_w: float = 1.0  # CFG weight at inference; 1: conditional model only, 0: unconditional
+    # drafter: causal transformer
+    draft_width: int = 128
+    draft_depth: int = 2
+    draft_heads: int = 4
+    draft_stride: int = 1  # states predicted per drafter token (1: the paper's drafter)
+    draft_weight: float = 1.0  # loss weights of the drafter and the inverse dynamics
+    inverse_weight: float = 1.0
+    inverse_hidden: int = 256
+    # data and conditioning
+    normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
+    pad: bool = True  # windows past an episode end (mazes: rest at [goal, 0, ...])
+    discount: float = 0.99  # of the return-to-go condition (reward tasks)
+    target_return: float | None = None  # RTG to condition on; None: 0.9 x the dataset's max
+    # actions
+    action_mode: str = "pd"  # "pd" (maze tracking) | "inverse" (inverse dynamics)
+    kp: float = 1.0
+    kd: float = 1.0
+    # training
+    train_parts: tuple[str, ...] = PARTS  # parts whose loss is trained; others stay frozen
+    init_from: str | None = None  # checkpoint folder whose weights start this run (training apart)
+    runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r} unknown; choose from {sorted(SCHEDULES)}")
+        if self.action_mode not in ("pd", "inverse"):
+            raise ValueError(f"action_mode must be 'pd' or 'inverse', got {self.action_mode!r}")
+        if self.normalizer not in ("limits", "gaussian"):
+            raise ValueError(f"normalizer must be 'limits' or 'gaussian', got {self.normalizer!r}")
+        if self.refine_steps < 0 or self.draft_stride < 1 or self.horizon < 2:
+            raise ValueError("need refine_steps >= 0, draft_stride >= 1 and horizon >= 2")
+        if not 0.0 < self.t_start <= 1.0:
+            raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
+        self.train_parts = tuple(self.train_parts)
+        unknown = sorted(set(self.train_parts) - set(PARTS))
+        if unknown or not self.train_parts:
+            raise ValueError(f"train_parts must be a non-empty subset of {PARTS}, got {self.train_parts}")
+
+
+class InverseDynamics(nn.Module):
+    """``(s_t, s_t+1) -> a_t`` in normalized units (Decision Diffuser: hidden 256-256)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2 * obs_dim, hidden), nn.Mish(), nn.Linear(hidden, hidden), nn.Mish(),
+                                 nn.Linear(hidden, act_dim))
+
+    def forward(self, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+        return self.net(torch.cat([s, s_next], -1))
+
+
+@register_policy
+class TrajectoryDiffuser(PolicyBase):
+    kind = "trajectory_diffuser"
+    Config = TrajectoryDiffuserConfig
+
+    def __init__(self, config: TrajectoryDiffuserConfig, spec: SpaceSpec):
+        super().__init__(config, spec)
+        h, d, r = config.horizon, spec.obs_dim, config.draft_stride
+        self.obs_dim = self.dim = d
+        self.goal_task = bool(spec.goal_dim)
+        self.cond_dim = spec.goal_dim if self.goal_task else 1
+        self.plan_shape = (h, d)
+        self.default_steps = config.refine_steps
+        self.schedule = SCHEDULES[config.schedule]()
+        norm = LimitsNormalizer if config.normalizer == "limits" else GaussianNormalizer
+        self.normalizer = norm(d)
+        self.action_normalizer = LimitsNormalizer(spec.act_dim)
+        self.register_buffer("return_scale", torch.ones(()))  # RTG condition = rtg / return_scale
+        self.register_buffer("default_return", torch.ones(()))  # 0.9 x dataset max, in scaled units
+        self.draft_tokens = math.ceil((h - 1) / r)
+        self.drafter = CausalTransformer(CausalTransformerConfig(
+            in_dim=d, out_dim=r * d, cond_dim=self.cond_dim, max_len=self.draft_tokens + 1,
+            width=config.draft_width, depth=config.draft_depth, heads=config.draft_heads))
+        # the U-Net's condition is [c, 1]; the null condition is all zeros
+        self.net = TemporalUNet(d, dim=config.dim, dim_mults=config.dim_mults, cond_dim=self.cond_dim + 1)
+        self.inverse = InverseDynamics(d, spec.act_dim, config.inverse_hidden)
+
+    # ------------------------------------------------------------------ training
+    @classmethod
+    def from_dataset(cls, dataset, config: TrajectoryDiffuserConfig) -> TrajectoryDiffuser:
+        policy = cls(config, SpaceSpec.from_dataset(dataset))
+        rows = [dataset.observations]
+        if config.pad and dataset.goals is not None:  # padded rows [goal, 0, ...] are data too
+            rows.append(goal_rest_states(dataset.goals, policy.dim))
+        policy.normalizer.fit(np.concatenate(rows, 0))
+        policy.action_normalizer.fit(np.concatenate([dataset.actions, np.asarray(
+            [policy.spec.action_low, policy.spec.action_high], np.float32)], 0))
+        if not policy.goal_task:
+            rtg = discounted_returns(dataset.rewards, dataset.episode_ends, config.discount)
+            policy.return_scale.fill_(float(np.abs(rtg).max()) or 1.0)
+            policy.default_return.fill_(0.9 * float(rtg.max()) / float(policy.return_scale))
+        if config.init_from:
+            policy.load_weights(config.init_from)
+        for part in set(PARTS) - set(config.train_parts):
+            getattr(policy, PART_MODULES[part]).requires_grad_(False)
+        return policy
+
+    def load_weights(self, path) -> None:
+        """Start from another checkpoint's weights (e.g. to train the parts separately)."""
+        from diffplan.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(Path(path)).model_state
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if unexpected or missing:
+            raise ValueError(f"init_from {path}: weights do not fit this policy (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+
+    def batches(self, dataset, batch_size: int):
+        cfg = self.config
+        windows = SequenceWindows(dataset, cfg.horizon, keys=("observations", "actions"), pad=cfg.pad,
+                                  pad_obs_fn=rest_at_goal_pad if cfg.pad and dataset.goals is not None else None,
+                                  returns_to_go=not self.goal_task, discount=cfg.discount)
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            b = windows.sample(batch_size, rng)
+            out = {"x": b["observations"], "actions": b["actions"], "mask": b["mask"]}
+            if "returns_to_go" in b:
+                out["rtg"] = b["returns_to_go"][:, 0]
+            return out
+
+        return sample_batch
+
+    def loss(self, batch):
+        """Refiner (denoising) + drafter (next-state MSE) + inverse dynamics (action MSE)."""
+        cfg = self.config
+        x0 = self.normalizer.normalize(batch["x"])
+        cond = self._train_condition(x0, batch)
+        total, logs = x0.new_zeros(()), {}
+        if "refiner" in cfg.train_parts:
+            keep = (torch.rand(x0.shape[0], 1, device=x0.device) >= cfg.cond_dropout).to(x0.dtype)
+            net_cond = self._net_cond(cond) * keep  # dropped rows get the null condition (zeros)
+            loss = diffusion_loss(self.net, x0, self.schedule, objective=cfg.objective, cond=net_cond,
+                                  constraints=window_constraints(x0, self.obs_dim, self.goal_task))
+            logs["refiner"] = loss.detach()
+            total = total + loss
+        if "drafter" in cfg.train_parts:
+            loss = self._draft_loss(x0, cond)
+            logs["drafter"] = loss.detach()
+            total = total + cfg.draft_weight * loss
+        if "inverse" in cfg.train_parts:
+            a = self.action_normalizer.normalize(batch["actions"][:, :-1])
+            both_real = batch["mask"][:, 1:]  # (s_t, s_t+1) both recorded, not padding
+            err = (self.inverse(x0[:, :-1], x0[:, 1:]) - a).pow(2).mean(-1)
+            loss = (err * both_real).sum() / both_real.sum().clamp(min=1)
+            logs["inverse"] = loss.detach()
+            total = total + cfg.inverse_weight * loss
+        return total, logs
+
+    def _train_condition(self, x0n: torch.Tensor, batch) -> torch.Tensor:
+        """(B, cond_dim): the window's end position (goal tasks) or its scaled first-step RTG."""
+        if self.goal_task:
+            return x0n[:, -1, : self.cond_dim]
+        return (batch["rtg"].reshape(-1, 1) / self.return_scale).to(x0n.dtype)
+
+    def _draft_loss(self, x0n: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        b, h, d = x0n.shape
+        r, n = self.config.draft_stride, self.draft_tokens
+        x = torch.cat([x0n, x0n[:, -1:].expand(b, 1 + n * r - h, d)], 1)  # to 1 + n r steps
+        keys = x[:, 0: n * r: r]  # (B, n, D): s_0, s_r, ...
+        pred = keys[:, :, None] + self.drafter(keys, cond).view(b, n, r, d)
+        err = (pred.reshape(b, n * r, d) - x[:, 1:]).pow(2).mean(-1)
+        return err[:, : h - 1].mean()  # steps past H-1 are not part of the plan
+
+    # ------------------------------------------------------------------ planning
+    def condition(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+        """(B, cond_dim) at plan time: the normalized goal, or the target return (scaled)."""
+        if self.goal_task:
+            if goal is None:
+                raise ValueError("this TrajectoryDiffuser was trained on a goal task: plan needs goal (B, goal_dim)")
+            rest = torch.zeros(goal.shape[0], self.dim, device=goal.device, dtype=goal.dtype)
+            rest[:, : goal.shape[1]] = goal
+            return self.normalizer.normalize(rest)[:, : self.cond_dim]
+        target = self.config.target_return
+        value = self.default_return if target is None else torch.tensor(target / self.return_scale.item())
+        return value.to(obs.device, obs.dtype).expand(obs.shape[0], 1)
+
+    def _net_cond(self, cond: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cond, torch.ones_like(cond[:, :1])], 1)
+
+    def constraints(self, obs: torch.Tensor, goal: torch.Tensor | None):
+        """Diffuser's plan-time inpainting: current state at 0, ``[goal, 0, ...]`` at H-1."""
+        return plan_constraints(self.normalizer, obs, goal, self.config.horizon, self.obs_dim)
+
+    @torch.no_grad()
+    def draft(self, obs: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Autoregressive draft with a KV cache: obs (B, obs_dim) raw, cond (B, cond_dim) ->
+        normalized states (B, H, D), ``ceil((H-1)/stride)`` one-token transformer passes."""
+        b, d, r = obs.shape[0], self.dim, self.config.draft_stride
+        s0 = self.normalizer.normalize(obs)[:, None]
+        cache = self.drafter.new_cache(b, obs.device, obs.dtype)
+        key, states = s0, [s0]
+        for j in range(self.draft_tokens):
+            chunk = key + self.drafter(key, cond if j == 0 else None, cache=cache).view(b, r, d)
+            states.append(chunk)
+            key = chunk[:, -1:]
+        return torch.cat(states, 1)[:, : self.config.horizon]
+
+    def denoiser(self, cond: torch.Tensor):
+        """``denoise(x_t, t) -> x0`` of the refiner under classifier-free guidance weight w."""
+        cfg = self.config
+        net_cond = self._net_cond(cond)
+        if cfg.guidance_w == 1.0:  # the conditional model alone: one network evaluation per step
+            return make_denoiser(self.net, self.schedule, cfg.objective, cond=net_cond)
+        if cfg.guidance_w == 0.0:
+            return make_denoiser(self.net, self.schedule, cfg.objective, cond=torch.zeros_like(net_cond))
+
+        def denoise_cond(x, t, c):
+            return make_denoiser(self.net, self.schedule, cfg.objective, cond=c)(x, t)
+
+        return cfg_denoiser(denoise_cond, net_cond, torch.zeros_like(net_cond), cfg.guidance_w)
+
+    def plan(self, obs, goal, noise, *, warm=None, t_start=None, steps=None):
+        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) standard normal ->
+        normalized plans (B, H, D).
+
+        Cold: draft, then refine ``steps`` (default ``refine_steps``) solver steps from
+        ``t_start`` (default the config's). Warm (``warm``: the shifted previous plan): refine
+        it instead of a draft. ``steps=0`` returns the constrained draft (or warm plan)."""
+        cfg = self.config
+        if noise.shape[1:] != self.plan_shape:
+            raise ValueError(f"noise must have shape (B, {self.plan_shape[0]}, {self.plan_shape[1]}), got {tuple(noise.shape)}")
+        steps = cfg.refine_steps if steps is None else steps
+        t_start = cfg.t_start if t_start is None else float(t_start)
+        cond = self.condition(obs, goal)
+        constraints = self.constraints(obs, goal)
+        x = self.draft(obs, cond) if warm is None else warm
+        x = constraints.apply(x)
+        if steps == 0:
+            return x
+        t = torch.tensor(t_start, device=x.device, dtype=x.dtype)
+        if t_start >= 1.0:  # a full chain: start from pure noise, as a cold Diffuser plan does
+            x = self.schedule.sigma(t) * noise
+        elif cfg.noise_draft or warm is not None:
+            x = self.schedule.alpha(t) * x + self.schedule.sigma(t) * noise
+        return sample(self.denoiser(cond), x, schedule=self.schedule, solver=cfg.solver, steps=steps,
+                      t_start=t_start, constraints=constraints, noise_prior=False)
+
+    def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
+        """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""
+        return self.normalizer.unnormalize(plans)
+
+    def action_at(self, plans, index, obs, goal):
+        if self.config.action_mode == "pd":
+            return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
+                               self.config.kp, self.config.kd)
+        nxt = (index + 1).clamp(max=self.config.horizon - 1)
+        target = plans[torch.arange(plans.shape[0], device=plans.device), nxt]
+        a = self.inverse(self.normalizer.normalize(obs), target)
+        return self.action_normalizer.unnormalize(a)
