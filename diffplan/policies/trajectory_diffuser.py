@@ -84,6 +84,7 @@ class TrajectoryDiffuserConfig:
     t_start: float = 0.5  # noise level the draft is noised to (or, un-noised, entered at)
     noise_draft: bool = True  # False: the reference code's variant (refine the un-noised draft)
     cond_dropout: float = 0.25  # classifier-free guidance: p of training with the null condition
+    train_t_max: float = 1.0  # refiner trained on t ~ U(0, train_t_max); < 1 only for truncated use
     guidance_w: float = 1.0  # CFG weight at inference; 1: conditional model only, 0: unconditional
     # drafter: causal transformer
     draft_width: int = 128
@@ -93,6 +94,7 @@ class TrajectoryDiffuserConfig:
     draft_weight: float = 1.0  # loss weights of the drafter and the inverse dynamics
     inverse_weight: float = 1.0
     inverse_hidden: int = 256
+    inverse_pairs: int = 16  # (s_t, s_t+1) pairs drawn per training window for the inverse dynamics
     # data and conditioning
     normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
     pad: bool = True  # windows past an episode end (mazes: rest at [goal, 0, ...])
@@ -118,6 +120,8 @@ class TrajectoryDiffuserConfig:
             raise ValueError("need refine_steps >= 0, draft_stride >= 1 and horizon >= 2")
         if not 0.0 < self.t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
+        if not 0.0 < self.train_t_max <= 1.0:
+            raise ValueError(f"train_t_max must be in (0, 1], got {self.train_t_max}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ValueError(f"cond_dropout must be in [0, 1), got {self.cond_dropout}")
         self.train_parts = tuple(self.train_parts)
@@ -219,7 +223,8 @@ class TrajectoryDiffuser(PolicyBase):
         if "refiner" in cfg.train_parts:
             keep = (torch.rand(x0.shape[0], 1, device=x0.device) >= cfg.cond_dropout).to(x0.dtype)
             net_cond = self._net_cond(cond) * keep  # dropped rows get the null condition (zeros)
-            loss = diffusion_loss(self.net, x0, self.schedule, objective=cfg.objective, cond=net_cond,
+            t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * cfg.train_t_max
+            loss = diffusion_loss(self.net, x0, self.schedule, objective=cfg.objective, cond=net_cond, t=t,
                                   constraints=window_constraints(x0, self.obs_dim, self.goal_task))
             logs["refiner"] = loss.detach()
             total = total + loss
@@ -228,9 +233,12 @@ class TrajectoryDiffuser(PolicyBase):
             logs["drafter"] = loss.detach()
             total = total + cfg.draft_weight * loss
         if "inverse" in cfg.train_parts:
-            a = self.action_normalizer.normalize(batch["actions"][:, :-1])
-            both_real = batch["mask"][:, 1:]  # (s_t, s_t+1) both recorded, not padding
-            err = (self.inverse(x0[:, :-1], x0[:, 1:]) - a).pow(2).mean(-1)
+            b, h = x0.shape[:2]  # a few random pairs per window: neighbouring pairs are near-duplicates
+            i = torch.randint(0, h - 1, (b, min(cfg.inverse_pairs, h - 1)), device=x0.device)
+            rows = torch.arange(b, device=x0.device)[:, None]
+            a = self.action_normalizer.normalize(batch["actions"][rows, i])
+            both_real = batch["mask"][rows, i + 1]  # (s_t, s_t+1) both recorded, not padding
+            err = (self.inverse(x0[rows, i], x0[rows, i + 1]) - a).pow(2).mean(-1)
             loss = (err * both_real).sum() / both_real.sum().clamp(min=1)
             logs["inverse"] = loss.detach()
             total = total + cfg.inverse_weight * loss
