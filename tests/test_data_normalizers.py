@@ -62,3 +62,16 @@ def test_bad_inputs_raise_clear_errors():
         make_normalizer("minmax", 4)
     with pytest.raises(ValueError, match="non-finite"):
         GaussianNormalizer(4).fit(np.full((3, 4), np.nan))
+
+
+def test_normalizers_move_with_their_module_like_any_buffer():
+    import torch
+    from torch import nn
+
+    from diffplan.data import GaussianNormalizer, LimitsNormalizer
+
+    for cls in (GaussianNormalizer, LimitsNormalizer):
+        owner = nn.Sequential(cls(3).fit(np.random.default_rng(0).normal(size=(50, 3))))
+        owner.to(torch.float64).to("cpu")
+        x = torch.ones(2, 3, dtype=torch.float64)
+        assert owner[0].normalize(x).dtype == torch.float64

@@ -46,17 +46,17 @@ class Normalizer(nn.Module):
     def normalize(self, x: Array) -> Array:
         """``x: (..., D)`` -> normalized, same type, dtype and device."""
         shift, scale = self._shift_scale()
-        return self._apply(x, lambda v, s, c: (v - s) / c, shift, scale)
+        return self._elementwise(x, lambda v, s, c: (v - s) / c, shift, scale)
 
     def unnormalize(self, x: Array) -> Array:
         """Inverse of `normalize`."""
         shift, scale = self._shift_scale()
-        return self._apply(x, lambda v, s, c: v * c + s, shift, scale)
+        return self._elementwise(x, lambda v, s, c: v * c + s, shift, scale)
 
     def forward(self, x: Array) -> Array:
         return self.normalize(x)
 
-    def _apply(self, x: Array, fn, shift: torch.Tensor, scale: torch.Tensor) -> Array:
+    def _elementwise(self, x: Array, fn, shift: torch.Tensor, scale: torch.Tensor) -> Array:
         if x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects a last axis of size {self.dim}, "
                              f"got shape {tuple(x.shape)}")

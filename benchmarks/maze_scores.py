@@ -1,0 +1,87 @@
+"""Score the shipped maze checkpoints over many episodes and record them in RESULTS.md.
+
+    python benchmarks/maze_scores.py [--episodes 100] [--kinds diffuser,trajectory_diffuser,anchored]
+
+For each ``checkpoints/pointmaze-*/<kind>/`` it evaluates the policy on its task (same seeds for
+every policy) and records the normalized score (mean ± standard error), success rate, act latency,
+and what the training cost: steps, wall time (from the run's log when shipped beside it) and size.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import append_rows, stamp  # noqa: E402
+
+from diffplan.eval import evaluate  # noqa: E402
+from diffplan.policies import load_policy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--episodes", type=int, default=100)
+    parser.add_argument("--num-envs", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kinds", default="", help="comma-separated policy kinds (default: all shipped)")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    kinds = set(filter(None, args.kinds.split(",")))
+    rows = []
+    for ckpt in sorted(ROOT.glob("checkpoints/pointmaze-*/*/model.safetensors")):
+        folder = ckpt.parent
+        if kinds and folder.name not in kinds:
+            continue
+        policy = load_policy(folder)
+        report = evaluate(policy, policy.spec.task, episodes=args.episodes, num_envs=args.num_envs,
+                          seed=args.seed, progress=True)
+        print(report.summary())
+        train = _training_facts(folder)
+        size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
+        params = sum(p.numel() for p in policy.parameters())
+        rows.append(stamp() + [
+            policy.spec.task, policy.kind, str(report.episodes),
+            f"{report.normalized_mean:.1f} ± {report.normalized_stderr:.1f}",
+            f"{100 * report.success_rate:.0f}%", f"{report.latency_p50_ms:.2f}",
+            f"{report.decisions_per_s:.0f}", str(train.get("steps", "?")),
+            train.get("wall", "?"), f"{params / 1e6:.2f}M / {size_mb:.1f} MB"])
+    if not rows:
+        print("no shipped maze checkpoints found under checkpoints/pointmaze-*/")
+        return 1
+    if not args.no_record:
+        path = append_rows(
+            "maze_scores",
+            "`python benchmarks/maze_scores.py`: shipped maze checkpoints on their task's eval protocol "
+            "(fixed goal cell, random start, seeds 0..N-1, sparse reward), normalized against the "
+            "task card's measured references (random policy = 0, noise-free waypoint expert = 100). "
+            "act latency is per call for 10 envs at once; decisions/s counts env decisions.",
+            ["date", "machine", "commit", "task", "policy", "episodes", "normalized score", "success",
+             "act p50 ms (10 envs)", "decisions/s", "train steps", "train wall", "params / size"], rows)
+        print(f"recorded in {path}")
+    return 0
+
+
+def _training_facts(folder: Path) -> dict:
+    """Training steps from the checkpoint's trainer state or config, wall time from train.json."""
+    out = {}
+    state = folder / "trainer_state.json"
+    if state.exists():
+        out["steps"] = json.loads(state.read_text()).get("step")
+    info = folder / "train.json"
+    if info.exists():
+        data = json.loads(info.read_text())
+        out.setdefault("steps", data.get("steps"))
+        if "wall_s" in data:
+            out["wall"] = f"{data['wall_s'] / 60:.0f} min"
+    return out
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
