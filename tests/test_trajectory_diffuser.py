@@ -176,9 +176,11 @@ def test_parts_can_be_trained_separately_from_a_checkpoint(tmp_path):
     first = TrajectoryDiffuser.from_dataset(data, tiny(train_parts=("refiner",)))
     assert not any(p.requires_grad for p in first.drafter.parameters())
     first.save(tmp_path / "refiner")
-    second = TrajectoryDiffuser.from_dataset(data, tiny(train_parts=("drafter", "inverse"),
+    # a new drafter, of another stride, and inverse dynamics against the saved refiner
+    second = TrajectoryDiffuser.from_dataset(data, tiny(train_parts=("drafter", "inverse"), draft_stride=4,
                                                         init_from=str(tmp_path / "refiner")))
     torch.testing.assert_close(second.net.state_dict(), first.net.state_dict())
+    assert not any(p.requires_grad for p in second.net.parameters())
     batch = {k: torch.as_tensor(v) for k, v in second.batches(data, 4)(0, np.random.default_rng(0)).items()}
     assert set(second.loss(batch)[1]) == {"drafter", "inverse"}
 

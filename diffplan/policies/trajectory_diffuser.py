@@ -106,7 +106,7 @@ class TrajectoryDiffuserConfig:
     kd: float = 1.0
     # training
     train_parts: tuple[str, ...] = PARTS  # parts whose loss is trained; others stay frozen
-    init_from: str | None = None  # checkpoint folder whose weights start this run (training apart)
+    init_from: str | None = None  # checkpoint whose weights give the parts not in train_parts
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -184,20 +184,24 @@ class TrajectoryDiffuser(PolicyBase):
             policy.return_scale.fill_(float(np.abs(rtg).max()) or 1.0)
             policy.default_return.fill_(0.9 * float(rtg.max()) / float(policy.return_scale))
         if config.init_from:
-            policy.load_weights(config.init_from)
+            policy.load_weights(config.init_from, skip=config.train_parts)
         for part in set(PARTS) - set(config.train_parts):
             getattr(policy, PART_MODULES[part]).requires_grad_(False)
         return policy
 
-    def load_weights(self, path) -> None:
-        """Start from another checkpoint's weights (e.g. to train the parts separately)."""
+    def load_weights(self, path, skip: tuple[str, ...] = ()) -> None:
+        """Copy another checkpoint's weights, except those of the parts in ``skip`` (which may
+        then differ in shape, e.g. a drafter with another stride trained against a fixed refiner)."""
         from diffplan.train.checkpoint import load_checkpoint
 
-        state = load_checkpoint(Path(path)).model_state
-        missing, unexpected = self.load_state_dict(state, strict=False)
-        if unexpected or missing:
+        prefixes = tuple(PART_MODULES[p] + "." for p in skip)
+        state = {k: v for k, v in load_checkpoint(Path(path)).model_state.items() if not k.startswith(prefixes)}
+        own = {k for k in self.state_dict() if not k.startswith(prefixes)}
+        missing, unexpected = own - set(state), set(state) - own
+        if missing or unexpected:
             raise ValueError(f"init_from {path}: weights do not fit this policy (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
+        self.load_state_dict(state, strict=False)
 
     def batches(self, dataset, batch_size: int):
         cfg = self.config
