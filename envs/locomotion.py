@@ -481,11 +481,27 @@ def main(argv=None) -> None:
     pr.add_argument("--keep", type=int, default=8)
     pr.add_argument("--dry-run", action="store_true")
     sub.add_parser("snapshots", help="list shipped snapshots and the medium / expert choice")
+    ca = sub.add_parser("calibrate", help="evaluate snapshots with stochastic actions (as the "
+                        "datasets act) to pick and pin the medium / expert snapshots")
+    ca.add_argument("family", choices=list(FAMILIES))
+    ca.add_argument("--episodes", type=int, default=10)
+    ca.add_argument("--min-step", type=int, default=0)
     a = p.parse_args(argv)
     if a.cmd == "prune":
         kept, moved = prune_snapshots(a.family, a.keep, dry_run=a.dry_run)
         print("kept:", " ".join(kept))
         print("moved:" if not a.dry_run else "would move:", " ".join(moved))
+    elif a.cmd == "calibrate":
+        from .behavior import d4rl_normalized, evaluate_actor
+
+        for snap in list_snapshots(a.family):
+            if snap.step < a.min_step:
+                continue
+            m, sd, _ = evaluate_actor(load_actor(snap.path), FAMILIES[a.family], a.episodes,
+                                      seed=20_000, deterministic=False)
+            print(f"{snap.path.name:12s} deterministic d4rl {snap.score:6.1f} | stochastic return "
+                  f"{m:8.1f} +- {sd:6.1f}  d4rl {d4rl_normalized(FAMILIES[a.family], m):6.1f}",
+                  flush=True)
     else:
         for fam in FAMILIES:
             snaps = list_snapshots(fam)
