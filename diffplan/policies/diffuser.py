@@ -45,6 +45,7 @@ class DiffuserConfig:
     steps: int = 10  # solver steps of a cold plan
     normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
     pad: bool = True  # train on windows that run past the episode end, padded to rest at the goal
+    inpaint_goal: bool = True  # goal tasks: inpaint [goal, 0, ..] at H-1 (False: start only, goal-agnostic)
     action_mode: str = "pd"  # "pd" | "plan"
     kp: float = 1.0  # PD tracking gains on position and velocity error
     kd: float = 1.0
@@ -143,7 +144,7 @@ class DiffuserPlanner(PolicyBase):
 
     def _conditions(self, x0n: torch.Tensor) -> Constraints:
         """Training-time inpainting: the window's own first (and, for goal tasks, last) state."""
-        return window_constraints(x0n, self.obs_dim, bool(self.spec.goal_dim))
+        return window_constraints(x0n, self.obs_dim, bool(self.spec.goal_dim) and self.config.inpaint_goal)
 
     def loss(self, batch):
         x0 = self.normalizer.normalize(batch["x"])
@@ -166,6 +167,7 @@ class DiffuserPlanner(PolicyBase):
     # ------------------------------------------------------------------ planning
     def constraints(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Constraints:
         """Inpainting at plan time: normalized current state at step 0, [goal, 0, ...] at H-1."""
+        goal = goal if self.config.inpaint_goal else None
         return plan_constraints(self.normalizer, obs, goal, self.config.horizon, self.obs_dim)
 
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
