@@ -20,17 +20,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as dt
-import os
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import append_rows, stamp
+
 ROOT = Path(__file__).resolve().parents[1]
+HEADER = ["date", "machine", "commit", "task", "planner", "episodes", "normalized score", "U-Net evals / plan",
+          "drafter passes / plan", "plan p50 ms", "plan p99 ms", "act p50 ms", "act p99 ms",
+          "plan speed-up vs Diffuser", "score vs Diffuser"]
+DESCRIPTION = ("`python benchmarks/trajectory_diffuser_vs_diffuser.py`: both planners on the same episodes "
+               "(env seeds `seed..seed+episodes-1`) with seeded plan noise; plan latency is an `act` that "
+               "replans, at batch 1, the planners interleaved; `act` latency from `bench_policy` (most calls "
+               "read an action off the current plan). \"within 1 SE\" compares with Diffuser's standard error.")
 
 # (label, overrides of the TD config); the first row is the checkpoint's own config
 VARIANTS = [
@@ -84,27 +91,6 @@ def plan_latencies(policies: dict, obs, rounds: int) -> dict:
     return {name: (np.asarray(out[name]), *evals[name]) for name in policies}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-
-
-def commit() -> str:
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "diffplan"], check=False, cwd=ROOT).returncode
-        return sha + (" (+ uncommitted diffplan changes)" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tasks", nargs="*", default=["pointmaze-umaze", "pointmaze-medium", "pointmaze-large"])
@@ -113,6 +99,8 @@ def main(argv=None) -> str:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--latency-rounds", type=int, default=100)
     ap.add_argument("--variants", type=int, default=len(VARIANTS), help="how many TD variants to run")
+    ap.add_argument("--diffuser", help="Diffuser checkpoint (default checkpoints/<task>/diffuser)")
+    ap.add_argument("--td", help="TrajectoryDiffuser checkpoint (default checkpoints/<task>/trajectory_diffuser)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -121,10 +109,14 @@ def main(argv=None) -> str:
     from diffplan.policies import load_policy
     from diffplan.runtime.bench import bench_policy, example_observations
 
-    sections = []
+    all_rows = []
     for task in args.tasks:
         paths = {k: ROOT / "checkpoints" / task / k for k in ("diffuser", "trajectory_diffuser")}
-        if not all((p / "config.yaml").is_file() for p in paths.values()):
+        if args.diffuser:
+            paths["diffuser"] = Path(args.diffuser)
+        if args.td:
+            paths["trajectory_diffuser"] = Path(args.td)
+        if not all((p / "config.yaml").is_file() or (p / "checkpoints").is_dir() for p in paths.values()):
             print(f"{task}: skipped (needs both {paths['diffuser']} and {paths['trajectory_diffuser']})")
             continue
         diffuser = load_policy(paths["diffuser"], task=task)
@@ -154,33 +146,21 @@ def main(argv=None) -> str:
             rows[name].update(act_p50=b.act_p50_ms, act_p99=b.act_p99_ms, plan_p50=float(np.percentile(ms, 50)),
                               plan_p99=float(np.percentile(ms, 99)), unet=unet, drafter=drafter)
         base = rows[next(iter(rows))]
-        lines = [f"### {task}: Trajectory Diffuser vs Diffuser", "",
-                 (f"{args.episodes} episodes, env seeds {args.seed}..{args.seed + args.episodes - 1}, "
-                 f"plan noise seed {args.seed}, {args.num_envs} envs per round; latency at batch 1 "
-                 f"({args.latency_rounds} interleaved replans per planner)."), "",
-                 ("| planner | normalized score | U-Net evals / plan | drafter passes / plan | plan p50 ms | "
-                 "plan p99 ms | act p50 ms | act p99 ms | plan speed-up | score vs Diffuser |"),
-                 "|---|---|---|---|---|---|---|---|---|---|"]
+        table = []
         for name, r in rows.items():
             diff = r["score"] - base["score"]
-            verdict = "—" if r is base else (f"{diff:+.1f} ({'within 1 SE or better' if diff >= -base['se'] else 'below 1 SE'})")
-            lines.append(f"| {name} | {r['score']:.1f} ± {r['se']:.1f} | {r['unet']:.0f} | {r['drafter']:.0f} | "
-                         f"{r['plan_p50']:.2f} | {r['plan_p99']:.2f} | {r['act_p50']:.3f} | {r['act_p99']:.3f} | "
-                         f"{base['plan_p50'] / r['plan_p50']:.1f}x | {verdict} |")
-        sections.append("\n".join(lines))
-        print("\n" + sections[-1] + "\n", flush=True)
+            verdict = "—" if r is base else f"{diff:+.1f} ({'within 1 SE or better' if diff >= -base['se'] else 'below 1 SE'})"
+            table.append([task, name, str(args.episodes), f"{r['score']:.1f} ± {r['se']:.1f}", f"{r['unet']:.0f}",
+                          f"{r['drafter']:.0f}", f"{r['plan_p50']:.2f}", f"{r['plan_p99']:.2f}",
+                          f"{r['act_p50']:.3f}", f"{r['act_p99']:.3f}", f"{base['plan_p50'] / r['plan_p50']:.1f}x",
+                          verdict])
+        all_rows += [stamp() + row for row in table]
+        print("\n".join(" | ".join(row) for row in [HEADER[3:]] + table) + "\n", flush=True)
 
-    if not sections:
-        return ""
-    head = (f"## {dt.date.today().isoformat()}: Trajectory Diffuser vs Diffuser "
-            f"(benchmarks/trajectory_diffuser_vs_diffuser.py)\n\nMachine: {machine()}. Commit: {commit()}.\n")
-    text = head + "\n" + "\n\n".join(sections) + "\n"
-    if not args.no_write:
-        results = ROOT / "benchmarks" / "RESULTS.md"
-        with results.open("a") as f:
-            f.write(("\n" if results.exists() and results.stat().st_size else "") + text)
-        print(f"appended to {results}")
-    return text
+    if all_rows and not args.no_write:
+        path = append_rows("trajectory_diffuser_vs_diffuser", DESCRIPTION, HEADER, all_rows)
+        print(f"appended to {path}")
+    return all_rows
 
 
 if __name__ == "__main__":
