@@ -14,3 +14,6 @@ __all__ += ["TrajectoryDiffuser", "TrajectoryDiffuserConfig"]
 from diffplan.policies.diffusion_policy import DiffusionPolicy, DiffusionPolicyConfig  # noqa: E402
 
 __all__ += ["DiffusionPolicy", "DiffusionPolicyConfig"]
+from diffplan.policies.finetune.ctrl import CTRLConfig, CTRLPlanner  # noqa: E402
+
+__all__ += ["CTRLConfig", "CTRLPlanner"]

@@ -1,0 +1,209 @@
+"""CTRL (Zhao et al. 2024): the adapter starts as the pretrained model, the KL anchor, where the
+gradients go, the classifier's calibration, a toy mixture it must learn to split, and the policy."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffplan.diffusion import (
+    Constraints,
+    Schedule,
+    diffusion_loss,
+    make_denoiser,
+    sample,
+)
+from diffplan.nn import MLPDenoiser, TemporalUNet
+from diffplan.policies.finetune.ctrl import (
+    AdaptedDenoiser,
+    CTRLConfig,
+    CTRLPlanner,
+    LabelClassifier,
+    ctrl_loss,
+    fit_classifier,
+)
+
+torch.set_num_threads(1)
+SCHEDULE = Schedule.vp_cosine()
+
+
+def _adapted_unet(n_labels=3):
+    torch.manual_seed(0)
+    net = TemporalUNet(4, dim=8, dim_mults=(1, 2))
+    pretrained = copy.deepcopy(net)
+    return pretrained, AdaptedDenoiser(net, horizon=8, dim=4, n_labels=n_labels, hidden=16, depth=1)
+
+
+def test_adapted_model_is_bit_identical_to_the_pretrained_one_at_init():
+    pretrained, adapted = _adapted_unet()
+    x, t = torch.randn(5, 8, 4), torch.rand(5)
+    cond = F.one_hot(torch.tensor([0, 1, 2, 0, 1]), 3).float()
+    with torch.no_grad():
+        assert torch.equal(adapted(x, t, cond), pretrained(x, t))
+        assert torch.equal(adapted(x, t, None), pretrained(x, t))
+
+
+def _one_loss(adapted, n_labels=3):
+    classifier = LabelClassifier(8, 4, n_labels, hidden=16).requires_grad_(False)
+    x_T = torch.randn(6, 8, 4)
+    start = Constraints([0], [0, 1], torch.zeros(6, 1, 2))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    return ctrl_loss(adapted, classifier, SCHEDULE, "x0", x_T, y, n_labels, steps=4, alpha=0.1,
+                     constraints=start, truncate=False)
+
+
+def test_kl_is_zero_at_init_and_positive_after_one_step():
+    _, adapted = _adapted_unet()
+    opt = torch.optim.Adam(adapted.adapter_parameters(), lr=1e-2)
+    loss, logs = _one_loss(adapted)
+    assert logs["kl"].item() == 0.0
+    loss.backward()
+    opt.step()
+    _, logs = _one_loss(adapted)
+    assert logs["kl"].item() > 0.0
+
+
+def test_gradients_flow_only_into_the_adapter():
+    pretrained, adapted = _adapted_unet()
+    loss, _ = _one_loss(adapted)
+    loss.backward()
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert trainable == {"net.embed.weight"} | {f"side.{n}" for n, _ in adapted.side.named_parameters()}
+    for name, p in adapted.named_parameters():
+        if name not in trainable:
+            assert p.grad is None, name
+    assert adapted.net.embed.weight.grad.abs().sum() > 0
+    assert adapted.side.out.weight.grad.abs().sum() > 0
+    n_base = sum(p.numel() for p in pretrained.parameters())
+    assert n_base == sum(p.numel() for n, p in adapted.named_parameters() if n not in trainable)
+
+
+def test_temperature_calibration_lowers_the_held_out_nll():
+    torch.manual_seed(0)
+    x = torch.randn(200, 4, 5)  # few samples, many features, noisy labels: over-training makes it over-confident
+    y = (x[:, 0, 0] > 0).long()
+    y = torch.where(torch.rand(200) < 0.25, 1 - y, y)
+    clf = LabelClassifier(4, 5, 2, hidden=64)
+    report = fit_classifier(clf, x, y, steps=300, batch_size=64, lr=3e-3, holdout=0.5)
+    assert report["val_nll_calibrated"] < report["val_nll_raw"] - 0.01
+    assert report["temperature"] > 1.0  # over-confident logits get cooled
+
+
+def _mixture(n, generator=None):
+    comp = torch.randint(0, 2, (n,), generator=generator)
+    centre = torch.tensor([[-1.0, 0.0], [1.0, 0.0]])[comp]
+    return (centre + 0.2 * torch.randn(n, 2, generator=generator))[:, None, :], comp
+
+
+def test_ctrl_moves_a_two_mode_mixture_into_the_requested_mode():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    net = MLPDenoiser(2, 1, hidden=64, depth=2, emb_dim=16)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(300):  # the pretrained, unconditional model
+        x0, _ = _mixture(256, g)
+        loss = diffusion_loss(net, x0, SCHEDULE, "x0")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x, y = _mixture(1000, g)
+    clf = LabelClassifier(1, 2, 2, hidden=32)
+    fit_classifier(clf, x, y, steps=100, batch_size=128, lr=3e-3)
+    clf.requires_grad_(False)
+
+    adapted = AdaptedDenoiser(net, horizon=1, dim=2, n_labels=2, hidden=32, depth=1, label_lr_scale=10.0)
+    opt = torch.optim.Adam(adapted.adapter_parameters(), lr=2e-3)
+    for _ in range(80):
+        yb = torch.randint(0, 2, (64,), generator=g)
+        loss, _ = ctrl_loss(adapted, clf, SCHEDULE, "x0", torch.randn(64, 1, 2, generator=g), yb, 2,
+                               steps=6, alpha=0.1, truncate=True, generator=g)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(adapted.adapter_parameters(), 5.0)
+        opt.step()
+
+    @torch.no_grad()
+    def draw(cond):
+        d = make_denoiser(adapted, SCHEDULE, "x0", cond)
+        return sample(d, torch.zeros(1000, 1, 2), SCHEDULE, solver="ddim", eta=1.0, steps=6, generator=g)
+
+    right_uncond = (draw(None)[:, 0, 0] > 0).float().mean().item()
+    assert 0.25 < right_uncond < 0.75  # the pretrained model splits the samples
+    for label, sign in ((0, -1.0), (1, 1.0)):
+        cond = F.one_hot(torch.full((1000,), label), 2).float()
+        inside = (sign * draw(cond)[:, 0, 0] > 0).float().mean().item()
+        assert inside >= 0.9, (label, inside)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy on a small maze dataset
+
+TASK = "pointmaze-umaze"
+
+
+@pytest.fixture(scope="module")
+def ctrl_policy():
+    from diffplan.envs import get_task
+
+    from diffplan.policies import DiffuserConfig, DiffuserPlanner
+
+    torch.manual_seed(0)
+    data = get_task(TASK).make_dataset(progress=False, steps=3000, seed=3)
+    base = DiffuserPlanner.from_dataset(data, DiffuserConfig(horizon=8, dim=8, dim_mults=(1, 2), inpaint_goal=False))
+    cfg = CTRLConfig(steps=3, classifier_steps=20, classifier_windows=2000, side_hidden=16, side_depth=1)
+    return CTRLPlanner.from_pretrained(base, data, cfg), base, data
+
+
+def _obs(batch=2):
+    from diffplan.envs import get_task
+
+    env = get_task(TASK).make_env()
+    obs = [env.reset(seed=i)[0] for i in range(batch)]
+    return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+
+
+def test_policy_labels_are_the_free_cells_and_targets_resolve(ctrl_policy):
+    policy, _, _ = ctrl_policy
+    assert policy.config.label_names == ("r1c1", "r1c2", "r1c3", "r2c3", "r3c1", "r3c2", "r3c3")
+    goal = torch.tensor([[-1.0, 1.0], [1.0, -1.0]])  # centres of cells (1, 1) and (3, 3)
+    assert policy.target_labels("goal", 2, goal).tolist() == [0, 6]
+    assert policy.target_labels("r2c3", 2, None).tolist() == [3, 3]
+    assert policy.target_labels(["r1c2", 4], 2, None).tolist() == [1, 4]
+    with pytest.raises(ValueError, match="unknown target"):
+        policy.target_labels("r0c0", 1, None)
+
+
+def test_policy_acts_inpaints_the_start_and_round_trips_through_a_checkpoint(ctrl_policy, tmp_path):
+    from diffplan.policies import load_policy
+
+    policy, _, _ = ctrl_policy
+    obs = _obs()
+    policy.reset(seed=0)
+    a = policy.act(obs, target="r1c1")
+    assert a.shape == (2, 2) and np.isfinite(a).all()
+    np.testing.assert_allclose(policy.plan_states(policy.planner._plans)[:, 0].numpy(), obs["observation"], atol=1e-5)
+    policy.save(tmp_path / "ctrl")
+    loaded = load_policy(tmp_path / "ctrl")
+    assert isinstance(loaded, CTRLPlanner)
+    for (k, v), (k2, v2) in zip(policy.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    actions = []
+    for p in (policy, loaded):
+        p.reset(seed=0)
+        torch.manual_seed(0)  # the eta=1 steps draw from torch's global generator
+        actions.append(p.act(obs, target="r1c1"))
+    np.testing.assert_array_equal(*actions)
+
+
+def test_policy_at_init_samples_what_the_pretrained_planner_samples(ctrl_policy):
+    policy, base, _ = ctrl_policy
+    obs = torch.as_tensor(_obs()["observation"])
+    noise = torch.randn(2, 8, 4)
+    torch.manual_seed(1)
+    ours = policy.plan(obs, None, noise, labels=torch.tensor([0, 5]))
+    torch.manual_seed(1)
+    denoise = make_denoiser(base.net, base.schedule, "x0")
+    theirs = sample(denoise, noise * base.schedule.sigma(torch.tensor(1.0)), base.schedule, solver="ddim", eta=1.0,
+                    steps=3, constraints=base.constraints(obs, None), noise_prior=False)
+    assert torch.equal(ours, theirs)
