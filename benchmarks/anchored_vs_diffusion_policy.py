@@ -49,12 +49,13 @@ def decisions_per_s(policy, task: str, num_envs: int, decisions: int, seed: int 
         policy.act(obs)
     policy.reset(seed=seed)
     calls, remove = count_net_calls(policy)
-    lat, n_calls = [], max(decisions // num_envs, 64)
+    lat, replanned, n_calls = [], [], max(decisions // num_envs, 64)
     try:
         for _ in range(n_calls):
             t0 = time.perf_counter()
             action = policy.act(obs)
             lat.append(time.perf_counter() - t0)
+            replanned.append(policy.planner.last_steps > 0)
             obs, _, term, trunc, _ = envs.step(action if num_envs > 1 else action[None])
             done = np.asarray(term) | np.asarray(trunc)
             if num_envs == 1:
@@ -66,8 +67,12 @@ def decisions_per_s(policy, task: str, num_envs: int, decisions: int, seed: int 
     finally:
         remove()
         envs.close()
-    lat = np.asarray(lat)
-    return {"decisions_per_s": num_envs * len(lat) / lat.sum(), "act_p50_ms": 1e3 * float(np.median(lat)),
+    lat, replanned = np.asarray(lat), np.asarray(replanned)
+    # Robust to the VM's stalls: the median latency of replanning calls and of queue calls,
+    # weighted by how often each kind occurred.
+    robust = sum(m.mean() * np.median(lat[m]) for m in (replanned, ~replanned) if m.any())
+    return {"decisions_per_s": num_envs * len(lat) / lat.sum(), "decisions_per_s_median": num_envs / robust,
+            "act_p50_ms": 1e3 * float(np.median(lat)), "replan_p50_ms": 1e3 * float(np.median(lat[replanned])),
             "net_evals_per_decision": calls[0] / len(lat)}
 
 
@@ -125,24 +130,30 @@ def main(argv=None):
         b64 = decisions_per_s(policy, args.task, 64, 64 * max(args.decisions // 64, 64), args.seed)
         rows.append({"policy": name, "path": str(path), "score": report.normalized_mean,
                      "stderr": report.normalized_stderr, "success": report.success_rate,
-                     "b1": b1["decisions_per_s"], "b1_p50_ms": b1["act_p50_ms"], "b64": b64["decisions_per_s"],
+                     "b1": b1["decisions_per_s"], "b1_med": b1["decisions_per_s_median"],
+                     "b1_replan_ms": b1["replan_p50_ms"], "b64": b64["decisions_per_s"],
+                     "b64_med": b64["decisions_per_s_median"],
                      "evals": b1["net_evals_per_decision"],
                      "n_action_steps": policy.planner.config.n_action_steps})
-        print(f"  batch 1: {b1['decisions_per_s']:.0f} decisions/s (act p50 {b1['act_p50_ms']:.3f} ms), "
-              f"batch 64: {b64['decisions_per_s']:.0f} decisions/s, "
+        print(f"  batch 1: {b1['decisions_per_s']:.0f} decisions/s ({b1['decisions_per_s_median']:.0f} from medians; "
+              f"replan p50 {b1['replan_p50_ms']:.2f} ms), batch 64: {b64['decisions_per_s']:.0f} decisions/s "
+              f"({b64['decisions_per_s_median']:.0f} from medians), "
               f"{b1['net_evals_per_decision']:.3f} network evaluations/decision", flush=True)
 
-    head = "| policy | normalized score | decisions/s, batch 1 | decisions/s, 64 envs | net evals / decision | actions per plan |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| policy | normalized score | decisions/s, batch 1 (mean / from medians) | replan p50 ms, batch 1 "
+            "| decisions/s, 64 envs (mean / from medians) | net evals / decision | actions per plan |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['policy']} | {r['score']:.1f} ± {r['stderr']:.1f} | {r['b1']:.0f} | {r['b64']:.0f} | "
-                     f"{r['evals']:.3f} | {r['n_action_steps']} |")
+        lines.append(f"| {r['policy']} | {r['score']:.1f} ± {r['stderr']:.1f} | {r['b1']:.0f} / {r['b1_med']:.0f} | "
+                     f"{r['b1_replan_ms']:.2f} | {r['b64']:.0f} / {r['b64_med']:.0f} | {r['evals']:.3f} | "
+                     f"{r['n_action_steps']} |")
     dp = next((r for r in rows if r["policy"].startswith("DiffusionPolicy")), None)
     an = next((r for r in rows if r["policy"].startswith("anchored")), None)
     notes = []
     if dp and an:
-        notes.append(f"anchored / DiffusionPolicy decisions/s: {an['b1'] / dp['b1']:.1f}x at batch 1, "
-                     f"{an['b64'] / dp['b64']:.1f}x at 64 envs; score {an['score']:.1f} vs {dp['score']:.1f}.")
+        notes.append(f"anchored / DiffusionPolicy decisions/s: {an['b1'] / dp['b1']:.1f}x at batch 1 "
+                     f"({an['b1_med'] / dp['b1_med']:.1f}x from medians), {an['b64'] / dp['b64']:.1f}x at 64 envs "
+                     f"({an['b64_med'] / dp['b64_med']:.1f}x from medians); score {an['score']:.1f} vs {dp['score']:.1f}.")
     table = "\n".join(lines + ([""] + notes if notes else []))
     print("\n" + table)
     if not args.no_record:

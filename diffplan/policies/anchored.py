@@ -214,8 +214,10 @@ class CascadeDecoder(nn.Module):
         arg = (t * self.t_scale)[:, None] * self.freqs
         return self.time(torch.cat([arg.sin(), arg.cos()], -1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, kvs: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        temb = self.time_embedding(t)
+    def forward(self, x: torch.Tensor, t: torch.Tensor, kvs: list,
+                temb: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``temb``: ``time_embedding(t)`` if already computed (inference embeds its grid once)."""
+        temb = self.time_embedding(t) if temb is None else temb
         out, h = [], None
         for stage, kv in zip(self.stages, kvs):
             x0, logits, h = stage(x, h, temb, kv)
@@ -370,8 +372,10 @@ class AnchoredDiffusionPolicy(PolicyBase):
         _, a0, s0 = grid[0]
         x = a0 * self.anchors + s0 * noise  # (B, K, H, D): the anchors noised to t_start
         b = x.shape[0]
-        for (t, a, s), (_, a_next, s_next) in zip(grid[:-1], grid[1:]):
-            x0, logits = self.net(x, torch.full((b,), t, device=x.device), kvs)[-1]
+        ts = torch.tensor([g[0] for g in grid[:-1]], device=x.device)
+        tembs = self.net.time_embedding(ts)  # (steps, W): one call for the whole grid
+        for i, ((t, a, s), (_, a_next, s_next)) in enumerate(zip(grid[:-1], grid[1:])):
+            x0, logits = self.net(x, ts[i].expand(b), kvs, tembs[i].expand(b, -1))[-1]
             x = a_next * x0 + s_next * (x - a * x0) / s  # DDIM, eta = 0
         return x0, logits
 
