@@ -1,6 +1,7 @@
 """Roll a policy out on a task's evaluation protocol and score it.
 
-``evaluate`` runs episodes in rounds of ``num_envs`` parallel envs (a ``gymnasium.vector`` env),
+``evaluate`` runs episodes in rounds of ``num_envs`` envs stepped in lockstep (one batched ``act``
+per step, as with a ``gymnasium.vector`` env),
 seeded ``seed, seed+1, ...`` per episode, so two policies evaluated with the same seed face the
 same starts. Scores are D4RL-normalized against the task card's measured references.
 """
@@ -12,7 +13,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 
 
@@ -83,8 +83,9 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
     if trained_for is not None and trained_for != card.name:
         raise ValueError(f"policy was trained for task {trained_for!r} but evaluation asked for {card.name!r}")
     num_envs = max(1, min(num_envs, episodes))
-    envs = gym.vector.SyncVectorEnv([lambda: card.make_env() for _ in range(num_envs)],
-                                    autoreset_mode=gym.vector.AutoresetMode.DISABLED)
+    # A synchronous batch of envs stepped in lockstep, like gymnasium's SyncVectorEnv, except that
+    # an env whose episode ended is not stepped again (locomotion episodes end at different times).
+    envs = [card.make_env() for _ in range(num_envs)]
     returns, lengths, successes, paths, plans, lat, sizes = [], [], [], [], [], [], []
     t_start = time.perf_counter()
     done_eps = 0
@@ -94,29 +95,30 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
         bar = tqdm(total=episodes, desc=f"eval {card.name}", disable=not progress, unit="ep")
         while done_eps < episodes:
             n = min(num_envs, episodes - done_eps)
-            obs, _ = envs.reset(seed=[seed + done_eps + i for i in range(num_envs)])
+            obs = [env.reset(seed=seed + done_eps + i)[0] for i, env in enumerate(envs)]
             policy.reset()
             ret = np.zeros(num_envs)
             length = np.zeros(num_envs, dtype=np.int64)
             success = np.zeros(num_envs, dtype=bool)
             alive = np.ones(num_envs, dtype=bool)
-            alive[n:] = False  # spare envs of the last round run along but are not counted
+            alive[n:] = False  # spare envs of the last round are not counted
             keep = [i for i in range(n) if done_eps + i < record]
             trace = {i: [] for i in keep}
             plan_trace = {i: [] for i in keep}
-            while alive[:n].any():
+            while alive.any():
+                batch = _stack(obs)
                 t0 = time.perf_counter()
-                action = policy.act(obs, budget_ms=budget_ms) if budget_ms else policy.act(obs)
+                action = policy.act(batch, budget_ms=budget_ms) if budget_ms else policy.act(batch)
                 lat.append((time.perf_counter() - t0) * 1e3)
                 sizes.append(num_envs)
                 if keep:
-                    _record(policy, obs, keep, trace, plan_trace)
-                obs, reward, terminated, truncated, info = envs.step(action)
-                ret += np.where(alive, reward, 0.0)
-                length += alive
-                if "success" in info:
-                    success |= alive & np.asarray(info["success"], dtype=bool)
-                alive &= ~(np.asarray(terminated) | np.asarray(truncated))
+                    _record(policy, batch, keep, trace, plan_trace)
+                for i in np.flatnonzero(alive):
+                    obs[i], reward, terminated, truncated, info = envs[i].step(action[i])
+                    ret[i] += reward
+                    length[i] += 1
+                    success[i] |= bool(info.get("success", False))
+                    alive[i] = not (terminated or truncated)
             returns += ret[:n].tolist()
             lengths += length[:n].tolist()
             successes += success[:n].tolist()
@@ -127,7 +129,8 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
             bar.update(n)
         bar.close()
     finally:
-        envs.close()
+        for env in envs:
+            env.close()
     wall = time.perf_counter() - t_start
     r = np.asarray(returns, dtype=np.float64)
     lo, hi = card.ref_min_score, card.ref_max_score
@@ -144,6 +147,13 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
         latency_p50_ms=float(np.percentile(lat_a, 50)), latency_p99_ms=float(np.percentile(lat_a, 99)),
         decisions_per_s=float(np.sum(sizes) / (lat_a.sum() / 1e3)), num_envs=num_envs,
         ref_min_score=lo, ref_max_score=hi, wall_s=wall, paths=paths, plans=plans)
+
+
+def _stack(obs: list):
+    """A list of per-env observations (arrays or dicts of arrays) as one batched observation."""
+    if isinstance(obs[0], dict):
+        return {k: np.stack([o[k] for o in obs]) for k in obs[0]}
+    return np.stack(obs)
 
 
 def _record(policy, obs, keep, trace, plan_trace) -> None:
