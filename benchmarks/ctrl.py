@@ -109,13 +109,16 @@ def stage_cfg(steps: int):
     (CFG_RUN / "train_time.json").write_text(json.dumps({"wall_s": wall, "steps": steps}))
 
 
-def stage_ctrl():
+def stage_ctrl(steps: int | None, resume: bool):
     from diffplan.policies.training import read_config, train_policy
 
     cfg = read_config(ROOT / "configs/ctrl/pointmaze-umaze.yaml")
     cfg["policy"]["base_checkpoint"] = str(BASE_RUN / "final")
-    policy, wall = _timed("ctrl (classifier + finetune)", lambda: train_policy(cfg, CTRL_RUN, progress=False))
+    policy, wall = _timed("ctrl (classifier + finetune)",
+                          lambda: train_policy(cfg, CTRL_RUN, steps=steps, resume=resume, progress=False))
     policy.save(CTRL_RUN / "final")
+    if resume:  # a continued run: add the earlier wall time
+        wall += json.loads((CTRL_RUN / "ctrl_time.json").read_text())["wall_s"]
     rep = {"wall_s": wall, **getattr(policy, "classifier_report", {})}
     (CTRL_RUN / "ctrl_time.json").write_text(json.dumps(rep))
     print(rep)
@@ -226,6 +229,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=["base", "cfg", "ctrl", "eval"], required=True)
     ap.add_argument("--cfg-steps", type=int, default=300)
+    ap.add_argument("--ctrl-steps", type=int, default=None, help="override the config's train.steps")
+    ap.add_argument("--resume", action="store_true", help="continue the CTRL run to --ctrl-steps")
     ap.add_argument("--cfg-w", type=float, default=2.0)
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--starts", type=int, default=64)
@@ -235,7 +240,7 @@ def main():
     elif args.stage == "cfg":
         stage_cfg(args.cfg_steps)
     elif args.stage == "ctrl":
-        stage_ctrl()
+        stage_ctrl(args.ctrl_steps, args.resume)
     else:
         stage_eval(args.episodes, args.cfg_w, args.starts)
 
