@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import platform
 import subprocess
 import time
@@ -111,6 +112,8 @@ def main(argv=None):
     ap.add_argument("--decisions", type=int, default=2000, help="decisions timed per speed setting")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
+    ap.add_argument("--write-metrics", action="store_true",
+                    help="also write each evaluation as metrics.json into its checkpoint folder")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -126,9 +129,14 @@ def main(argv=None):
         policy = load_policy(path, task=args.task)
         report = evaluate(policy, args.task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed)
         print(report.summary(), flush=True)
+        if args.write_metrics:
+            folder = getattr(policy, "checkpoint_path", Path(path))
+            (Path(folder) / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         b1 = decisions_per_s(policy, args.task, 1, args.decisions, args.seed)
         b64 = decisions_per_s(policy, args.task, 64, 64 * max(args.decisions // 64, 64), args.seed)
-        rows.append({"policy": name, "path": str(path), "score": report.normalized_mean,
+        shown = Path(path).resolve()
+        shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+        rows.append({"policy": name, "path": str(shown), "score": report.normalized_mean,
                      "stderr": report.normalized_stderr, "success": report.success_rate,
                      "b1": b1["decisions_per_s"], "b1_med": b1["decisions_per_s_median"],
                      "b1_replan_ms": b1["replan_p50_ms"], "b64": b64["decisions_per_s"],
