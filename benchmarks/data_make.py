@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import commit, machine
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 SECTION = "## data_make"
@@ -60,30 +62,12 @@ def main(argv=None) -> int:
     print(f"read     {read:7.1f} s  (Minari -> OfflineDataset)")
     print(f"total    {total:7.1f} s  (collect + write)")
     if not args.no_record:
-        row = (f"| {datetime.date.today()} | {_machine()} | {_commit()} | {card.name} "
+        row = (f"| {datetime.date.today()} | {machine()} | {commit()} | {card.name} "
                f"| {len(data):,} | {data.num_episodes:,} | {collect:.1f} "
                f"| {len(data) / collect:,.0f} | {write:.1f} | {read:.1f} | {total:.1f} |\n")
         _append_row(row)
         print(f"recorded in {RESULTS}")
     return 0
-
-
-def _machine() -> str:
-    threads = os.environ.get("OMP_NUM_THREADS", "unset")
-    return (f"{platform.system()} {platform.machine()}, {os.cpu_count()} cpus, "
-            f"Python {platform.python_version()}, OMP_NUM_THREADS={threads}")
-
-
-def _commit() -> str:
-    """Short HEAD, with ``+dirty`` when diffplan/ or envs/ have uncommitted changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
-                              cwd=RESULTS.parent).stdout.strip()
-    try:
-        dirty = git("status", "--porcelain", "--", "../diffplan", "../envs")
-        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _append_row(row: str) -> None:
