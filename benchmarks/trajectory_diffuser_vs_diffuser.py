@@ -45,11 +45,11 @@ DESCRIPTION = ("`python benchmarks/trajectory_diffuser_vs_diffuser.py`: both pla
 VARIANTS = [
     ("as configured", {}),
     ("k=0 (draft only)", {"refine_steps": 0}),
-    ("k=1", {"refine_steps": 1}),
+    ("k=1, w=1 (no CFG)", {"refine_steps": 1, "guidance_w": 1.0}),
+    ("k=1, w=0 (no goal input)", {"refine_steps": 1, "guidance_w": 0.0}),
+    ("k=1, un-noised draft (reference)", {"refine_steps": 1, "noise_draft": False}),
+    ("k=2", {"refine_steps": 2}),
     ("k=5", {"refine_steps": 5}),
-    ("k=2, un-noised draft (reference)", {"refine_steps": 2, "noise_draft": False}),
-    ("k=2, w=0 (no goal input)", {"refine_steps": 2, "guidance_w": 0.0}),
-    ("k=2, w=1.2 (CFG)", {"refine_steps": 2, "guidance_w": 1.2}),
 ]
 
 

@@ -31,11 +31,11 @@ How it acts
     (``action_mode: inverse``, locomotion).
 
 Guidance on the goal
-    For goal tasks the goal is already imposed at H-1 by inpainting, so the U-Net's goal input
-    is redundant information; ``guidance_w = 1`` (the default) uses the conditional model alone,
-    one network evaluation per step, and ``guidance_w != 1`` runs the guided combination
-    ``null + w (cond - null)`` as one batch of two. See the config and RESULTS.md for measured
-    effects.
+    For goal tasks the goal is also imposed at H-1 by inpainting, so the U-Net's goal input looks
+    redundant; measured on pointmaze-umaze it is not: guiding toward it (``guidance_w`` > 1) makes
+    plans that reach the goal sooner (k=2, 50 episodes: w=0 90.7, w=1 95.4, w=2 99.0, w=3 99.5).
+    ``guidance_w = 1`` (the default) runs the conditional model alone, one network evaluation per
+    step; ``guidance_w != 1`` runs ``null + w (cond - null)`` as one batch of two.
 """
 from __future__ import annotations
 
