@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--num-envs", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--replan", type=int, default=10, help="replan every N steps in part 2")
+    parser.add_argument("--replan", type=int, default=32, help="replan every N steps in part 2")
     parser.add_argument("--cold-steps", type=int, default=10)
     parser.add_argument("--warm-steps", type=int, default=2)
     parser.add_argument("--t-warm", type=float, default=0.3)

@@ -96,7 +96,7 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
         while done_eps < episodes:
             n = min(num_envs, episodes - done_eps)
             obs = [env.reset(seed=seed + done_eps + i)[0] for i, env in enumerate(envs)]
-            policy.reset()
+            _reset(policy, seed + done_eps)
             ret = np.zeros(num_envs)
             length = np.zeros(num_envs, dtype=np.int64)
             success = np.zeros(num_envs, dtype=bool)
@@ -147,6 +147,15 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
         latency_p50_ms=float(np.percentile(lat_a, 50)), latency_p99_ms=float(np.percentile(lat_a, 99)),
         decisions_per_s=float(np.sum(sizes) / (lat_a.sum() / 1e3)), num_envs=num_envs,
         ref_min_score=lo, ref_max_score=hi, wall_s=wall, paths=paths, plans=plans)
+
+
+def _reset(policy, seed: int) -> None:
+    """Start a round of episodes; policies whose ``reset`` takes a seed get one, so that plans are
+    reproducible (env ``i`` of the round gets ``seed + i``)."""
+    try:
+        policy.reset(seed=seed)
+    except TypeError:
+        policy.reset()
 
 
 def _stack(obs: list):
