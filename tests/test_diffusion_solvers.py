@@ -11,7 +11,6 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from diffplan.diffusion import (SOLVERS, Constraints, Schedule, ddim, dpmpp_2m, euler, heun, make_denoiser, sample,
                                 time_grid)
@@ -217,27 +216,20 @@ def test_argument_errors_are_clear():
         sample(den, torch.zeros(4, 2), sched)
 
 
-class _CountSyncs(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.syncs = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:  # .item(), bool(tensor), tolist() ...
-            self.syncs += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("solver", sorted(SOLVERS))
-def test_sampling_never_reads_tensor_values_on_the_host(solver):
+def test_sampling_never_reads_device_tensor_values(solver):
+    # On the meta device every tensor is shape-only: any .item(), bool(tensor), tolist() or data-dependent
+    # branch on the sample, the constraints or the noise levels would raise. The per-grid coefficients
+    # are computed on the host from the grid itself.
     sched = Schedule.vp_cosine()
     net = lambda x, t, cond: 0.9 * x
-    c = Constraints.start_goal(torch.ones(2, 3), torch.zeros(2, 3))
+    meta = torch.device("meta")
+    c = Constraints.start_goal(torch.ones(2, 3, device=meta), torch.zeros(2, 3, device=meta))
     for objective in ("x0", "eps", "flow"):
-        with _CountSyncs() as mode:
-            sample(make_denoiser(net, sched, objective), torch.randn(2, 8, 3), sched, solver, steps=5,
-                   t_start=0.7, constraints=c, generator=torch.Generator().manual_seed(0))
-        assert mode.syncs == 0
+        for t_start in (1.0, 0.7):
+            out = sample(make_denoiser(net, sched, objective), torch.empty(2, 8, 3, device=meta), sched, solver,
+                         steps=5, t_start=t_start, constraints=c)
+            assert out.device == meta and out.shape == (2, 8, 3)
 
 
 # --- constraints --------------------------------------------------------------------------------

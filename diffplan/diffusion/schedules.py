@@ -40,9 +40,12 @@ def _table_from_betas(betas: torch.Tensor) -> torch.Tensor:
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Schedule:
-    """A noise schedule; construct with the classmethods. ``kind`` and ``params`` rebuild it."""
+    """A noise schedule; construct with the classmethods. ``kind`` and ``params`` rebuild it.
+
+    Compared and hashed by identity (solvers cache per-grid coefficients per schedule object).
+    """
 
     kind: str
     params: dict = field(default_factory=dict)

@@ -11,14 +11,17 @@ Every solver is ``solver(denoise, x, ts, schedule, ...) -> x`` where
 Optional hooks, both plain callables: ``guide(x, i) -> x`` runs before the (first) denoiser call
 of step ``i``; ``constrain(x) -> x`` runs after every step (inpainting). ``sample()`` builds them.
 
-Each solver first computes its per-step coefficients for the whole grid (float64, one batch of
-tensor ops), then runs a loop of tensor arithmetic with no host synchronisation, no Python
-branching on tensor values and nothing allocated but the step's results, so it can be captured
-by ``torch.compile`` or a CUDA graph. Notation: step ``i`` goes from ``t = ts[i]`` to
-``s = ts[i + 1]``; ``alpha_t, sigma_t`` etc. are the schedule at those levels.
+Each solver's per-step coefficients depend only on the schedule and the grid: they are computed
+once on the host in float64 (one batch of tensor ops), cached (``functools.lru_cache``, keyed on
+the schedule object and the grid as a tuple of floats), and enter the loop as Python floats. The
+loop is tensor arithmetic on ``x`` only: no host synchronisation, no Python branching on tensor
+values, no per-step allocation beyond the step's results, so it can be captured by
+``torch.compile`` or a CUDA graph, and it runs on any device and dtype. Notation: step ``i`` goes
+from ``t = ts[i]`` to ``s = ts[i + 1]``; ``alpha_t, sigma_t`` etc. are the schedule there.
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -31,40 +34,43 @@ Hook = Callable[..., torch.Tensor] | None
 
 
 # --- shared pieces ------------------------------------------------------------------------------
-def _coef_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float32 if x.device.type == "mps" else torch.float64
+Grid = tuple  # decreasing noise levels as Python floats
 
 
-def _grid(schedule: Schedule, ts, x: torch.Tensor):
-    """``(t, alpha, sigma)`` on the grid, float64 on ``x``'s device."""
-    t = torch.as_tensor(ts).to(device=x.device, dtype=_coef_dtype(x))
+def as_grid(ts) -> Grid:
+    """A grid as a hashable tuple of floats (a device tensor is read once, before any loop)."""
+    if isinstance(ts, tuple):
+        return ts
+    return tuple(torch.as_tensor(ts, dtype=torch.float64).reshape(-1).tolist())
+
+
+@functools.lru_cache(maxsize=512)
+def _on_grid(schedule: Schedule, ts: Grid):
+    """``(t, alpha, sigma)`` as float64 CPU tensors."""
+    t = torch.tensor(ts, dtype=torch.float64)
     return t, schedule.alpha(t), schedule.sigma(t)
 
 
-def _per_step(x: torch.Tensor, *coefs: torch.Tensor):
-    """Per-step 0-d coefficient tensors in ``x.dtype`` (one ``unbind`` each, before the loop)."""
-    return [c.to(x.dtype).unbind(0) for c in coefs]
+def _floats(*coefs: torch.Tensor):
+    return tuple(tuple(c.tolist()) for c in coefs)
 
 
-def _batch_times(t: torch.Tensor, x: torch.Tensor):
-    """``t[i]`` as ``(B,)`` views for the denoiser."""
-    return t.to(x.dtype)[:, None].expand(-1, x.shape[0]).unbind(0)
+def _batch_times(ts: Grid, x: torch.Tensor):
+    """``ts[i]`` as ``(B,)`` tensors for the denoiser (one small copy per call)."""
+    return torch.tensor(ts, dtype=x.dtype, device=x.device)[:, None].expand(-1, x.shape[0]).unbind(0)
 
 
-def _first_order(denoise: Denoiser, x: torch.Tensor, t: torch.Tensor, k_x, k_d, k_z=None, generator=None,
+def _first_order(denoise: Denoiser, x: torch.Tensor, ts: Grid, k_x, k_d, k_z=None, generator=None,
                  guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
     """The loop every one-evaluation-per-step solver shares: ``x <- k_x x + k_d D(x, t) + k_z z``."""
-    k_x, k_d = _per_step(x, k_x, k_d)
-    k_z = None if k_z is None else _per_step(x, k_z)[0]
-    times = _batch_times(t, x)
+    times = _batch_times(ts, x)
     z = None if k_z is None else torch.empty_like(x)
     for i in range(len(k_x)):
         if guide is not None:
             x = guide(x, i)
-        d = denoise(x, times[i])
-        x = k_x[i] * x + k_d[i] * d
+        x = torch.add(k_x[i] * x, denoise(x, times[i]), alpha=k_d[i])
         if z is not None:
-            x = x + k_z[i] * z.normal_(generator=generator)
+            x = torch.add(x, z.normal_(generator=generator), alpha=k_z[i])
         if constrain is not None:
             x = constrain(x)
     return x
@@ -81,14 +87,20 @@ def ddpm(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, generator: 
     ``var = sigma2_ts sigma_s^2 / sigma_t^2`` ("fixed small" variance). Identical to
     ``ddim(eta=1)`` and to ``diffusers.DDPMScheduler`` on the same grid.
     """
-    t, a, s = _grid(schedule, ts, x)
+    ts = as_grid(ts)
+    return _first_order(denoise, x, ts, *ddpm_coefficients(schedule, ts), generator, guide, constrain)
+
+
+@functools.lru_cache(maxsize=512)
+def ddpm_coefficients(schedule: Schedule, ts: Grid):
+    _, a, s = _on_grid(schedule, ts)
     a_t, s_t, a_s, s_s = a[:-1], s[:-1], a[1:], s[1:]
     alpha_ts = a_t / a_s
     sigma2_ts = (s_t**2 - alpha_ts**2 * s_s**2).clamp(min=0)
     k_x = alpha_ts * s_s**2 / s_t**2
     k_d = a_s * sigma2_ts / s_t**2
     k_z = (sigma2_ts * s_s**2 / s_t**2).sqrt()
-    return _first_order(denoise, x, t, k_x, k_d, k_z, generator, guide, constrain)
+    return _floats(k_x, k_d, k_z)
 
 
 def ddim(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, eta: float = 0.0,
@@ -99,12 +111,19 @@ def ddim(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, eta: float 
     (eq. 16, written for any schedule): ``eta = 0`` is the deterministic probability-flow
     sampler (first-order exponential integrator), ``eta = 1`` is DDPM.
     """
-    t, a, s = _grid(schedule, ts, x)
+    ts = as_grid(ts)
+    k_x, k_d, k_z = ddim_coefficients(schedule, ts, float(eta))
+    return _first_order(denoise, x, ts, k_x, k_d, k_z if eta > 0 else None, generator, guide, constrain)
+
+
+@functools.lru_cache(maxsize=512)
+def ddim_coefficients(schedule: Schedule, ts: Grid, eta: float):
+    _, a, s = _on_grid(schedule, ts)
     a_t, s_t, a_s, s_s = a[:-1], s[:-1], a[1:], s[1:]
     c = eta * (s_s / s_t) * (s_t**2 - (a_t * s_s / a_s) ** 2).clamp(min=0).sqrt()
     k_x = (s_s**2 - c**2).clamp(min=0).sqrt() / s_t
     k_d = a_s - k_x * a_t
-    return _first_order(denoise, x, t, k_x, k_d, c if eta > 0 else None, generator, guide, constrain)
+    return _floats(k_x, k_d, c)
 
 
 def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, lower_order_final: bool = True,
@@ -118,8 +137,26 @@ def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, lower_o
     (``h = inf``), and, with ``lower_order_final``, the last step when there are fewer than 15
     (the stabilisation of Lu et al. sec. 5 / ``diffusers``' ``lower_order_final``).
     """
-    t, a, s = _grid(schedule, ts, x)
-    n = t.shape[0] - 1
+    ts = as_grid(ts)
+    k_x, k_d, q = dpmpp_2m_coefficients(schedule, ts, lower_order_final)
+    times = _batch_times(ts, x)
+    d_prev = None
+    for i in range(len(k_x)):
+        if guide is not None:
+            x = guide(x, i)
+        d = denoise(x, times[i])
+        d_hat = d if d_prev is None else torch.lerp(d, d_prev, -q[i])  # (1 + q) d - q d_prev
+        x = torch.add(k_x[i] * x, d_hat, alpha=k_d[i])
+        d_prev = d
+        if constrain is not None:
+            x = constrain(x)
+    return x
+
+
+@functools.lru_cache(maxsize=512)
+def dpmpp_2m_coefficients(schedule: Schedule, ts: Grid, lower_order_final: bool = True):
+    _, a, s = _on_grid(schedule, ts)
+    n = len(ts) - 1
     lam = a.log() - s.log()
     h = lam[1:] - lam[:-1]
     k_x = s[1:] / s[:-1]
@@ -128,26 +165,16 @@ def dpmpp_2m(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, lower_o
     q = torch.where(s[1:] > 0, q, torch.zeros_like(q))
     if lower_order_final and n < 15:
         q[-1] = 0.0
-    k_x, k_d, q = _per_step(x, k_x, k_d, q)
-    times = _batch_times(t, x)
-    d_prev = None
-    for i in range(n):
-        if guide is not None:
-            x = guide(x, i)
-        d = denoise(x, times[i])
-        d_hat = d if d_prev is None else torch.lerp(d, d_prev, -q[i])  # (1 + q) d - q d_prev
-        x = k_x[i] * x + k_d[i] * d_hat
-        d_prev = d
-        if constrain is not None:
-            x = constrain(x)
-    return x
+    return _floats(k_x, k_d, q)
 
 
-def _ode_coefficients(schedule: Schedule, t: torch.Tensor, a: torch.Tensor, s: torch.Tensor):
-    """Probability-flow ODE ``dx/dt = alpha' D + sigma' (x - alpha D) / sigma = p x + q D``."""
+@functools.lru_cache(maxsize=512)
+def ode_coefficients(schedule: Schedule, ts: Grid):
+    """Probability-flow ODE ``dx/dt = alpha' D + sigma' (x - alpha D) / sigma = p x + q D`` on the grid."""
+    t, a, s = _on_grid(schedule, ts)
     da, ds = schedule.derivatives(t)
     p = ds / s
-    return p, da - a * p
+    return _floats(p, da - a * p, t[1:] - t[:-1])
 
 
 def euler(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hook = None,
@@ -158,10 +185,11 @@ def euler(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hoo
     ``v = (x - D) / t`` (and coincides with DDIM). For VP schedules it works too but is much
     less accurate per step than ``ddim`` / ``dpmpp_2m``, which integrate the linear part exactly.
     """
-    t, a, s = _grid(schedule, ts, x)
-    p, q = _ode_coefficients(schedule, t, a, s)
-    dt = t[1:] - t[:-1]
-    return _first_order(denoise, x, t, 1 + dt * p[:-1], dt * q[:-1], guide=guide, constrain=constrain)
+    ts = as_grid(ts)
+    p, q, dt = ode_coefficients(schedule, ts)
+    k_x = [1 + h * p_i for h, p_i in zip(dt, p)]
+    k_d = [h * q_i for h, q_i in zip(dt, q)]
+    return _first_order(denoise, x, ts, k_x, k_d, guide=guide, constrain=constrain)
 
 
 def heun(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hook = None,
@@ -173,22 +201,20 @@ def heun(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, guide: Hook
     where the derivative is undefined (EDM does the same). ``2n - 1`` denoiser calls. The
     constraints are applied to the Euler predictor too; guidance only before the first call.
     """
-    t, a, s = _grid(schedule, ts, x)
-    n = t.shape[0] - 1
-    p, q = _ode_coefficients(schedule, t, a, s)
-    dt = t[1:] - t[:-1]
-    p, q, dt, half_dt = _per_step(x, p, q, dt, dt / 2)
-    times = _batch_times(t, x)
+    ts = as_grid(ts)
+    p, q, dt = ode_coefficients(schedule, ts)
+    n = len(dt)
+    times = _batch_times(ts, x)
     for i in range(n):
         if guide is not None:
             x = guide(x, i)
-        d = p[i] * x + q[i] * denoise(x, times[i])
-        x_euler = x + dt[i] * d
+        d = torch.add(p[i] * x, denoise(x, times[i]), alpha=q[i])
+        x_euler = torch.add(x, d, alpha=dt[i])
         if i < n - 1:
             if constrain is not None:
                 x_euler = constrain(x_euler)
-            d_next = p[i + 1] * x_euler + q[i + 1] * denoise(x_euler, times[i + 1])
-            x = x + half_dt[i] * (d + d_next)
+            d_next = torch.add(p[i + 1] * x_euler, denoise(x_euler, times[i + 1]), alpha=q[i + 1])
+            x = torch.add(x, d + d_next, alpha=dt[i] / 2)
         else:
             x = x_euler
         if constrain is not None:
@@ -200,17 +226,27 @@ SOLVERS = {"ddpm": ddpm, "ddim": ddim, "dpmpp_2m": dpmpp_2m, "euler": euler, "he
 
 
 # --- the entry point --------------------------------------------------------------------------
+def _uniform(steps: int, t_start: float, t_end: float) -> Grid:
+    return tuple(t_start + (t_end - t_start) * i / steps for i in range(steps + 1))
+
+
 def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, device=None,
               dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """The default grid: ``steps + 1`` levels uniform in ``t`` from ``t_start`` down to ``t_end``."""
-    return torch.linspace(t_start, t_end, steps + 1, device=device, dtype=dtype)
+    """The default grid as a tensor: ``t_i = t_start + (t_end - t_start) i / steps``, ``i = 0..steps``."""
+    return torch.tensor(_uniform(steps, float(t_start), float(t_end)), device=device, dtype=dtype)
+
+
+@functools.lru_cache(maxsize=512)
+def _start_coefficients(schedule: Schedule, t0: float) -> tuple[float, float]:
+    t = torch.tensor([t0], dtype=torch.float64)
+    return schedule.alpha(t).item(), schedule.sigma(t).item()
 
 
 def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 10,
            t_start: float = 1.0, t_end: float = 0.0, constraints=None, guidance=None,
            generator: torch.Generator | None = None, noise_prior: bool = True, eta: float | None = None,
-           ts: torch.Tensor | None = None) -> torch.Tensor:
-    """Sample ``x0 (B, H, D)`` with ``solver`` on the grid ``time_grid(steps, t_start, t_end)``.
+           ts=None) -> torch.Tensor:
+    """Sample ``x0 (B, H, D)`` with ``solver`` on the grid ``time_grid(steps, t_start, t_end)`` (uniform in ``t``).
 
     * Start: ``noise_prior=True`` and ``t_start >= 1``: pure noise ``sigma(1) eps`` (``x_init``
       only gives shape, dtype, device). ``noise_prior=True`` and ``t_start < 1``: ``x_init`` is a
@@ -222,8 +258,8 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
       ``t >= guidance.t_stopgrad``.
     * ``eta``: DDIM's stochasticity (``solver="ddim"`` only; default 0).
     * ``generator``: makes the start noise and the ddpm/ddim noise reproducible.
-    * ``ts``: an explicit decreasing grid (e.g. ``schedule.discrete(T).grid(diffusers_timesteps)``),
-      overriding ``steps, t_start, t_end``.
+    * ``ts``: an explicit decreasing grid, tensor or sequence (e.g.
+      ``schedule.discrete(T).grid(diffusers_timesteps)``), overriding ``steps, t_start, t_end``.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; expected one of {sorted(SOLVERS)}")
@@ -244,27 +280,23 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
             return x_init if constrain is None else constrain(x_init)
         if not 0.0 <= t_end < t_start <= 1.0:
             raise ValueError(f"need 0 <= t_end < t_start <= 1, got t_start={t_start}, t_end={t_end}")
-        ts = time_grid(steps, t_start, t_end, device=x_init.device, dtype=_coef_dtype(x_init))
-        t_host = [t_start + (t_end - t_start) * i / steps for i in range(steps + 1)]
+        ts = _uniform(steps, float(t_start), float(t_end))
     else:
-        ts = torch.as_tensor(ts).to(device=x_init.device, dtype=_coef_dtype(x_init))
-        if ts.shape[0] < 2:
+        ts = as_grid(ts)
+        if len(ts) < 2:
             return x_init if constrain is None else constrain(x_init)
-        t_host = None
 
     x = x_init
     if noise_prior:
-        t0 = ts[:1]
-        a0, s0 = schedule.alpha(t0).to(x.dtype), schedule.sigma(t0).to(x.dtype)
         eps = torch.randn(x_init.shape, generator=generator, device=x_init.device, dtype=x_init.dtype)
-        x = torch.where(t0.to(x.dtype) >= 1, s0 * eps, a0 * x_init + s0 * eps)
+        a0, s0 = _start_coefficients(schedule, ts[0])
+        x = s0 * eps if ts[0] >= 1 else torch.add(a0 * x_init, eps, alpha=s0)
     if constrain is not None:
         x = constrain(x)
 
     guide = None
     if guidance is not None:
-        t_host = ts.tolist() if t_host is None else t_host  # one sync, before the loop
-        active = [tv >= guidance.t_stopgrad for tv in t_host[:-1]]
+        active = [t >= guidance.t_stopgrad for t in ts[:-1]]
         times = _batch_times(ts, x)
 
         def guide(x, i):
