@@ -238,3 +238,31 @@ def test_goal_policies_refuse_plans_without_a_goal():
     policy = maze_policy()
     with pytest.raises(ValueError, match="goal"):
         policy.plan(torch.zeros(1, 4), None, torch.randn(1, H, 4))
+
+
+def test_warm_replans_through_the_runtime_refine_the_shifted_plan_without_drafting(monkeypatch):
+    policy = maze_policy(runtime=PlannerConfig(n_action_steps=2, warm_start=True, t_warm=0.3, warm_steps=1, seed=0))
+    obs, goal = obs_goal(batch=1)
+    env_obs = {"observation": obs.numpy(), "desired_goal": goal.numpy(), "achieved_goal": obs[:, :2].numpy()}
+    policy.reset(seed=0)
+    policy.act(env_obs)  # cold: drafts
+    drafts = []
+    real_draft = policy.draft
+    monkeypatch.setattr(policy, "draft", lambda o, c: drafts.append(1) or real_draft(o, c))
+    for _ in range(4):  # two warm replans
+        assert np.all(np.abs(policy.act(env_obs)) <= 1.0)
+    assert policy.planner.num_plans == 3 and not drafts
+
+
+def test_the_shipped_umaze_checkpoint_loads_and_plans_from_its_start_to_its_goal():
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "checkpoints" / "pointmaze-umaze" / "trajectory_diffuser"
+    if not (path / "model.safetensors").is_file():
+        pytest.skip("no shipped checkpoint")
+    policy = load_policy(path, task="pointmaze-umaze")
+    obs, goal = torch.tensor([[-1.0, -1.0, 0.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    states = policy.plan_states(policy.plan(obs, goal, torch.randn(1, *policy.plan_shape)))
+    torch.testing.assert_close(states[0, 0], obs[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0, -1, :2], goal[0], rtol=1e-4, atol=1e-4)
+    assert (states[0, 1:, :2] - states[0, :-1, :2]).norm(dim=-1).max() < 0.5  # a continuous path
