@@ -10,9 +10,10 @@
 2. U-Net forward latency at batch 1 and 64, ours against a re-creation of the widely used reference
    TemporalUnet (Janner et al.'s structure: channels-first Conv1d, per-block time MLPs); also the
    (1, 2, 4, 8) locomotion configuration.
-3. Training steps/s at batch 32 (x0 loss, AdamW, EMA update every step): H=32 / 14 features with
-   mults (1, 2, 2, 2), and H=128 / 6 features with the maze mults (1, 4, 8); ours against the reference
-   re-creation trained the reference way (per-parameter Python EMA loop).
+3. Training steps/s at batch 32 (x0 loss, AdamW, EMA update every step): H=32 / 14 features and
+   H=128 / 6 features with mults (1, 2, 2, 2), and H=128 with the maze mults (1, 4, 8); ours (with
+   AdamW's default foreach and its fused CPU kernel) against the reference re-creation trained the
+   reference way (per-parameter Python EMA loop).
 
 Every number is a median over interleaved repeats. The machine is shared, so both wall-clock and
 this thread's CPU time (``time.thread_time``, insensitive to being descheduled) are reported; the
@@ -21,12 +22,10 @@ ratios are computed within one clock.
 from __future__ import annotations
 
 import argparse
-import datetime
 import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,6 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results  # noqa: E402  (benchmarks/results.py: stamps and RESULTS.md tables)
 from diffplan.diffusion import Schedule, diffusion_loss, make_denoiser, sample  # noqa: E402
 from diffplan.nn import EMA, MLPDenoiser, TemporalUNet  # noqa: E402
 
@@ -155,7 +156,7 @@ def sampler_overhead(repeats: int, steps_list=(2, 5, 10, 20)) -> list[dict]:
                     acc.append(timed(lambda: sample(denoise, x, sched, solver, steps=n), max(1, inner // n)))
             for (solver, n), acc in runs.items():
                 rows.append({"net": name, "solver": solver, "steps": n,
-                             "fwd_ms": med(fwd, 0) * 1e3, "sample_ms": med(acc, 0) * 1e3,
+                             "fwd_ms": med(fwd, 0) * 1e3, "fwd_cpu_ms": med(fwd, 1) * 1e3, "sample_ms": med(acc, 0) * 1e3,
                              "ratio": med(acc, 0) / (n * med(fwd, 0)), "ratio_cpu": med(acc, 1) / (n * med(fwd, 1))})
     return rows
 
@@ -187,87 +188,90 @@ def unet_latency(repeats: int) -> list[dict]:
 def training_throughput(repeats: int, steps_per_rep: int = 3) -> list[dict]:
     sched = Schedule.vp_cosine()
     rows = []
-    for H, D, mults in ((32, 14, (1, 2, 2, 2)), (128, 6, (1, 4, 8))):
+    for H, D, mults in ((32, 14, (1, 2, 2, 2)), (128, 6, (1, 2, 2, 2)), (128, 6, (1, 4, 8))):
         torch.manual_seed(0)
         x0 = torch.randn(32, H, D)
-        ours = TemporalUNet(D, 32, mults)
-        ours_opt, ours_ema = torch.optim.AdamW(ours.parameters(), lr=2e-4), EMA(ours, decay=0.995)
-        ref = ReferenceTemporalUnet(D, 32, mults)
-        ref_opt, ref_ema = torch.optim.AdamW(ref.parameters(), lr=2e-4), ReferenceEMA(ref)
+        runs = {}
+        for name in ("ours", "ours_fused", "reference"):
+            net = ReferenceTemporalUnet(D, 32, mults) if name == "reference" else TemporalUNet(D, 32, mults)
+            opt = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=name == "ours_fused")
+            ema = ReferenceEMA(net) if name == "reference" else EMA(net, decay=0.995)
+            runs[name] = (net, opt, ema)
 
-        def step_ours():
-            loss = diffusion_loss(ours, x0, sched, "x0")
-            ours_opt.zero_grad(set_to_none=True)
+        def step(name):
+            net, opt, ema = runs[name]
+            if name == "reference":  # the reference's loss: random t and noise, x0 regression
+                t = torch.rand(32)
+                a, s = sched.alpha(t)[:, None, None], sched.sigma(t)[:, None, None]
+                loss = F.mse_loss(net(a * x0 + s * torch.randn_like(x0), t), x0)
+            else:
+                loss = diffusion_loss(net, x0, sched, "x0")
+            opt.zero_grad(set_to_none=True)
             loss.backward()
-            ours_opt.step()
-            ours_ema.update()
+            opt.step()
+            ema.update()
 
-        def step_ref():  # the reference's loss: random t, noise, x0 regression
-            t = torch.rand(32)
-            a, s = sched.alpha(t)[:, None, None], sched.sigma(t)[:, None, None]
-            loss = F.mse_loss(ref(a * x0 + s * torch.randn_like(x0), t), x0)
-            ref_opt.zero_grad()
-            loss.backward()
-            ref_opt.step()
-            ref_ema.update()
-
-        for _ in range(2):
-            step_ours()
-            step_ref()
-        res = {"ours": [], "reference": []}
+        for name in runs:
+            for _ in range(2):
+                step(name)
+        res = {name: [] for name in runs}
         for _ in range(repeats):
-            res["ours"].append(timed(step_ours, steps_per_rep))
-            res["reference"].append(timed(step_ref, steps_per_rep))
-        rows.append({"H": H, "D": D, "mults": mults,
-                     "ours_its": 1 / med(res["ours"], 0), "ref_its": 1 / med(res["reference"], 0),
-                     "ours_its_cpu": 1 / med(res["ours"], 1), "ref_its_cpu": 1 / med(res["reference"], 1)})
+            for name in runs:
+                res[name].append(timed(lambda: step(name), steps_per_rep))
+        row = {"H": H, "D": D, "mults": mults}
+        for name in runs:
+            row[name] = 1 / med(res[name], 0)
+            row[name + "_cpu"] = 1 / med(res[name], 1)
+        rows.append(row)
     return rows
 
 
-# --- report -----------------------------------------------------------------------------------------
-def tables(threads: int, overhead, latency, training) -> str:
-    out = [f"### torch.set_num_threads({threads})", "",
-           "Sampler overhead at batch 1, `time(sample(N steps)) / (N * time(forward))` (wall; thread-CPU in brackets):", "",
-           "| denoiser | forward ms | solver | N=2 | N=5 | N=10 | N=20 |", "|---|---|---|---|---|---|---|"]
+# --- report: three tables in benchmarks/RESULTS.md (benchmarks/results.py convention) ---------------
+OVERHEAD = ("sampler_overhead: sampler overhead at batch 1",
+            "`python benchmarks/sampler_overhead.py`: `time(sample(N steps)) / (N * time(one forward))`, "
+            "pure noise, x0 objective, `torch.inference_mode`, median over interleaved repeats; "
+            "wall-clock, with this thread's CPU time in brackets (the machine is shared). "
+            "Targets: <= 1.15 U-Net, <= 1.5 MLP.")
+LATENCY = ("sampler_overhead: TemporalUNet forward latency",
+           "`python benchmarks/sampler_overhead.py`: 32 steps x 14 features, median ms, wall (thread CPU); "
+           "reference = re-creation of Janner et al.'s TemporalUnet structure (channels-first Conv1d).")
+TRAINING = ("sampler_overhead: TemporalUNet training steps/s",
+            "`python benchmarks/sampler_overhead.py`: batch 32, x0 loss, AdamW, EMA update every step, dim 32; "
+            "median steps/s, wall (from thread CPU); reference = the re-creation trained the reference way "
+            "(per-parameter Python EMA loop, default AdamW).")
+
+
+def rows_for(threads: int, overhead, latency, training):
+    stamp = results.stamp() + [str(threads)]
+    o_rows = []
     for net in dict.fromkeys(r["net"] for r in overhead):
         for solver in ("ddim", "dpmpp_2m"):
             rs = [r for r in overhead if r["net"] == net and r["solver"] == solver]
-            cells = " | ".join(f"{r['ratio']:.2f} ({r['ratio_cpu']:.2f})" for r in rs)
-            out.append(f"| {net} | {rs[0]['fwd_ms']:.3f} | {solver} | {cells} |")
-    out += ["", "U-Net forward, ms (median wall; thread-CPU in brackets):", "",
-            "| mults | params | batch | ours | reference re-creation | ours / ref |", "|---|---|---|---|---|---|"]
-    for r in latency:
-        out.append(f"| {r['mults']} | {r['params_M']:.2f} M | {r['batch']} | {r['ours_ms']:.2f} ({r['ours_cpu_ms']:.2f}) | "
-                   f"{r['ref_ms']:.2f} ({r['ref_cpu_ms']:.2f}) | {r['ours_ms'] / r['ref_ms']:.2f} "
-                   f"({r['ours_cpu_ms'] / r['ref_cpu_ms']:.2f}) |")
-    out += ["", "Training steps/s at batch 32 with EMA (median wall; from thread-CPU in brackets):", "",
-            "| H | D | mults | ours | reference re-creation | speed-up |", "|---|---|---|---|---|---|"]
-    for r in training:
-        out.append(f"| {r['H']} | {r['D']} | {r['mults']} | {r['ours_its']:.1f} ({r['ours_its_cpu']:.1f}) | "
-                   f"{r['ref_its']:.1f} ({r['ref_its_cpu']:.1f}) | {r['ours_its'] / r['ref_its']:.2f}x "
-                   f"({r['ours_its_cpu'] / r['ref_its_cpu']:.2f}x) |")
-    return "\n".join(out) + "\n"
+            o_rows.append(stamp + [net, f"{rs[0]['fwd_ms']:.3f} ({rs[0]['fwd_cpu_ms']:.3f})", solver]
+                          + [f"{r['ratio']:.2f} ({r['ratio_cpu']:.2f})" for r in rs])
+    l_rows = [stamp + [str(r["mults"]), f"{r['params_M']:.2f} M", str(r["batch"]),
+                       f"{r['ours_ms']:.2f} ({r['ours_cpu_ms']:.2f})", f"{r['ref_ms']:.2f} ({r['ref_cpu_ms']:.2f})",
+                       f"{r['ours_ms'] / r['ref_ms']:.2f} ({r['ours_cpu_ms'] / r['ref_cpu_ms']:.2f})"] for r in latency]
+    t_rows = [stamp + [str(r["H"]), str(r["D"]), str(r["mults"]), f"{r['ours']:.1f} ({r['ours_cpu']:.1f})",
+                       f"{r['ours_fused']:.1f} ({r['ours_fused_cpu']:.1f})",
+                       f"{r['reference']:.1f} ({r['reference_cpu']:.1f})",
+                       f"{r['ours'] / r['reference']:.2f}x / {r['ours_fused'] / r['reference']:.2f}x "
+                       f"({r['ours_cpu'] / r['reference_cpu']:.2f}x / {r['ours_fused_cpu'] / r['reference_cpu']:.2f}x)"]
+              for r in training]
+    return o_rows, l_rows, t_rows
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, load average {load:.1f} at start"
+HEADERS = (
+    ["date", "machine", "commit", "threads", "denoiser", "forward ms", "solver", "N=2", "N=5", "N=10", "N=20"],
+    ["date", "machine", "commit", "threads", "mults", "params", "batch", "ours ms", "reference ms", "ours / ref"],
+    ["date", "machine", "commit", "threads", "H", "D", "mults", "ours", "ours + fused AdamW", "reference",
+     "speed-up (ours / fused)"],
+)
 
 
-def git_commit() -> str:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=root, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+def markdown(header, rows) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
 
 
 def main(argv=None) -> None:
@@ -277,25 +281,36 @@ def main(argv=None) -> None:
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args(argv)
-    header = machine()
-    report = [f"## Diffusion core: sampler overhead, U-Net latency, training throughput "
-              f"({datetime.datetime.now().strftime('%Y-%m-%d %H:%M')})", "",
-              f"Machine: {header}. Commit {git_commit()}. `python benchmarks/sampler_overhead.py"
-              f"{' --quick' if args.quick else ''}`.", ""]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    all_rows = ([], [], [])
     for n in args.threads:
         torch.set_num_threads(n)
         r = 5 if args.quick else 15
         overhead = sampler_overhead(r)
         latency = unet_latency(r)
         training = [] if args.skip_training else training_throughput(3 if args.quick else 7)
-        text = tables(n, overhead, latency, training)
-        print(text, flush=True)
-        report.append(text)
+        for acc, new, header in zip(all_rows, rows_for(n, overhead, latency, training), HEADERS):
+            acc.extend(new)
+            if new:
+                print(markdown(header, new) + "\n", flush=True)
     if not args.no_write:
-        path = Path(__file__).with_name("RESULTS.md")
-        existing = path.read_text() if path.exists() else "# Benchmark results\n"
-        path.write_text(existing.rstrip("\n") + "\n\n" + "\n".join(report))
+        note = (f"sampler_overhead run on {cpu_name()}, load average {load:.1f} at start: wall-clock medians "
+                f"include time descheduled by other jobs; the bracketed thread-CPU figures do not.")
+        for (section, description), header, rows in zip((OVERHEAD, LATENCY, TRAINING), HEADERS, all_rows):
+            if rows:
+                path = results.append_rows(section, description, header, rows)
+        path.write_text(path.read_text().rstrip("\n") + f"\n\n{note}\n")
         print(f"appended to {path}")
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -243,3 +243,18 @@ def test_constraints_dense_apply_and_combination():
     assert torch.equal(sum([c]).apply(x), y)
     with pytest.raises(ValueError, match="broadcast"):
         Constraints([0], [0, 1], torch.zeros(3, 1, 2)).apply(x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_sampling_follows_the_sample_dtype_and_passes_exact_noise_levels(dtype):
+    sched = Schedule.vp_cosine()
+    seen = []
+
+    def denoise(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    out = sample(denoise, torch.zeros(2, 4, 3, dtype=dtype), sched, "dpmpp_2m", steps=4)
+    assert out.dtype == dtype
+    assert all(t.dtype == torch.promote_types(dtype, torch.float32) for t in seen)
+    assert [round(t[0].item(), 6) for t in seen] == [1.0, 0.75, 0.5, 0.25]

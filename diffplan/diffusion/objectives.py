@@ -98,8 +98,8 @@ def diffusion_loss(net: Callable, x0: torch.Tensor, schedule: Schedule, objectiv
     """Denoising loss ``mean(weight * (net(x_t, t, cond) - target)^2)`` (a scalar).
 
     * ``x0``: ``(B, H, D)`` clean trajectories.
-    * ``t``: ``(B,)`` noise levels; ``None`` draws ``t ~ U(0, 1)`` (for a DDPM-style discrete
-      draw pass ``schedule.discrete(T).sample_t(B)``).
+    * ``t``: ``(B,)`` noise levels (or one float for all); ``None`` draws ``t ~ U(0, 1)`` (for a
+      DDPM-style discrete draw pass ``schedule.discrete(T).sample_t(B)``).
     * ``weight``: broadcastable to ``(B, H, D)``, e.g. ``(H, D)`` with Diffuser's action weight
       on step 0.
     * ``constraints``: inpainting during training as in Diffuser: the constrained entries of
@@ -109,6 +109,8 @@ def diffusion_loss(net: Callable, x0: torch.Tensor, schedule: Schedule, objectiv
     B = x0.shape[0]
     if t is None:
         t = torch.rand(B, generator=generator, device=x0.device, dtype=x0.dtype)
+    else:
+        t = torch.as_tensor(t, dtype=x0.dtype, device=x0.device).expand(B)
     eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     x_t = noise_to(x0, t, schedule, eps=eps)
     mask = None

@@ -56,8 +56,10 @@ def _floats(*coefs: torch.Tensor):
 
 
 def _batch_times(ts: Grid, x: torch.Tensor):
-    """``ts[i]`` as ``(B,)`` tensors for the denoiser (one small copy per call)."""
-    return torch.tensor(ts, dtype=x.dtype, device=x.device)[:, None].expand(-1, x.shape[0]).unbind(0)
+    """``ts[i]`` as ``(B,)`` tensors for the denoiser (one small copy per call); at least float32,
+    so that half-precision samples still pass exact noise levels (discrete indices survive)."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    return torch.tensor(ts, dtype=dtype, device=x.device)[:, None].expand(-1, x.shape[0]).unbind(0)
 
 
 def _first_order(denoise: Denoiser, x: torch.Tensor, ts: Grid, k_x, k_d, k_z=None, generator=None,
