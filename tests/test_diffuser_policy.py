@@ -178,3 +178,44 @@ def test_replanning_every_k_steps_replans_on_schedule(trained):
         assert counts == [1, 0, 0, 0, 1, 0, 0, 0]
     finally:
         cfg.n_action_steps = saved
+
+
+def test_bf16_inference_stays_close_to_float32(trained):
+    policy, _ = trained
+    obs = _obs(seed=6)
+    policy.reset(seed=1)
+    a32 = policy.act(obs)
+    policy.planner.config.dtype = "bfloat16"
+    try:
+        policy.reset(seed=1)
+        a16 = policy.act(obs)
+    finally:
+        policy.planner.config.dtype = None
+    assert a16.dtype == np.float32 and np.abs(a16 - a32).max() < 0.1
+
+
+def test_batched_act_equals_per_env_act_with_the_same_seeds(trained):
+    policy, _ = trained
+    obs = _obs(seed=7, batch=3)
+    policy.reset(seed=[20, 21, 22])
+    batched = policy.act(obs)
+    for i in range(3):
+        policy.reset(seed=[20 + i])
+        single = policy.act({k: v[i] for k, v in obs.items()})
+        np.testing.assert_allclose(single, batched[i], atol=1e-4)
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() or __import__("os").environ.get("DIFFPLAN_TEST_COMPILE")),
+                    reason="torch.compile takes minutes on a small CPU; set DIFFPLAN_TEST_COMPILE=1 to run")
+def test_compiled_planning_gives_the_same_actions(trained):
+    policy, _ = trained
+    obs = _obs(seed=8)
+    policy.reset(seed=2)
+    eager = policy.act(obs)
+    policy.planner.config.compile = True
+    try:
+        policy.reset(seed=2)
+        compiled = policy.act(obs)
+    finally:
+        policy.planner.config.compile = False
+    np.testing.assert_allclose(compiled, eager, atol=1e-4)

@@ -149,3 +149,8 @@ def test_planner_runs_on_cuda():
     planner = Planner(CountingPolicy(), PlannerConfig(seed=0))
     a = planner.act(torch.zeros(4, 2, device="cuda"))
     assert a.device.type == "cuda"
+
+
+def test_unknown_inference_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype"):
+        PlannerConfig(dtype="float8")

@@ -123,8 +123,10 @@ class PolicyBase(nn.Module):
         One observation gives ``(act_dim,)``; a batch (from a vector env) gives ``(B, act_dim)``.
         """
         obs_t, goal_t, batched = self.prepare_obs(obs)
-        action = self.action_to_env(self.planner.act(obs_t, goal_t, budget_ms=budget_ms))
-        out = action.float().cpu().numpy()
+        dtype = self.planner.config.dtype
+        with torch.autocast(self.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
+            action = self.planner.act(obs_t, goal_t, budget_ms=budget_ms)
+        out = self.action_to_env(action.float()).cpu().numpy()
         return out if batched else out[0]
 
     def prepare_obs(self, obs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -160,6 +162,17 @@ class PolicyBase(nn.Module):
             bad = np.argwhere(~np.isfinite(arr))[0].tolist()
             raise ObservationError(f"{name} contains NaN or inf (first at index {bad})")
         return arr
+
+    def inference_net(self) -> nn.Module:
+        """``self.net`` for planning: compiled once with ``torch.compile`` when the runtime config
+        asks for it (the saved weights and ``state_dict`` names are untouched)."""
+        if not self.planner.config.compile:
+            return self.net
+        compiled = self.__dict__.get("_compiled_net")
+        if compiled is None or compiled[0] is not self.net:
+            compiled = (self.net, torch.compile(self.net, dynamic=False))
+            self.__dict__["_compiled_net"] = compiled  # kept out of nn.Module's registries
+        return compiled[1]
 
     def action_to_env(self, action: torch.Tensor) -> torch.Tensor:
         """Clip actions (B, act_dim) into the action space."""

@@ -181,7 +181,7 @@ class DiffuserPlanner(PolicyBase):
             warm = None if warm is None else warm.repeat_interleave(n, 0)
         a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
         x_init = noise * s if warm is None else a * warm + s * noise
-        denoise = make_denoiser(self.net, self.schedule, cfg.objective)
+        denoise = make_denoiser(self.inference_net(), self.schedule, cfg.objective)
         guidance = None
         if self.value is not None:
             guidance = ValueGuidance(self.value, scale=cfg.guide_scale, n_guide_steps=cfg.n_guide_steps,

@@ -109,7 +109,7 @@ class DiffusionPolicy(PolicyBase):
         steps = self.config.steps if steps is None else steps
         a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
         x_init = noise * s if warm is None else a * self.action_normalizer.normalize(warm) + s * noise
-        denoise = make_denoiser(self.net, self.schedule, self.config.objective, cond=self.condition(obs, goal))
+        denoise = make_denoiser(self.inference_net(), self.schedule, self.config.objective, cond=self.condition(obs, goal))
         x0 = sample(denoise, x_init, schedule=self.schedule, solver=self.config.solver, steps=steps,
                     t_start=t_start, noise_prior=False)
         return self.action_normalizer.unnormalize(x0)

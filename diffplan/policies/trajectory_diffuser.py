@@ -302,12 +302,12 @@ class TrajectoryDiffuser(PolicyBase):
         cfg = self.config
         net_cond = self._net_cond(cond)
         if cfg.guidance_w == 1.0:  # the conditional model alone: one network evaluation per step
-            return make_denoiser(self.net, self.schedule, cfg.objective, cond=net_cond)
+            return make_denoiser(self.inference_net(), self.schedule, cfg.objective, cond=net_cond)
         if cfg.guidance_w == 0.0:
-            return make_denoiser(self.net, self.schedule, cfg.objective, cond=torch.zeros_like(net_cond))
+            return make_denoiser(self.inference_net(), self.schedule, cfg.objective, cond=torch.zeros_like(net_cond))
 
         def denoise_cond(x, t, c):
-            return make_denoiser(self.net, self.schedule, cfg.objective, cond=c)(x, t)
+            return make_denoiser(self.inference_net(), self.schedule, cfg.objective, cond=c)(x, t)
 
         return cfg_denoiser(denoise_cond, net_cond, torch.zeros_like(net_cond), cfg.guidance_w)
 

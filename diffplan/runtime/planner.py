@@ -53,12 +53,16 @@ class PlannerConfig:
     min_steps: int = 1
     max_steps: int = 256
     seed: int | None = None  # per-env noise generators are seeded from (seed, env index)
+    compile: bool = False  # torch.compile the policy's denoiser for planning (fixed shapes)
+    dtype: str | None = None  # inference autocast dtype: "bfloat16" or "float16" (None: float32)
 
     def __post_init__(self):
         if self.n_action_steps < 1:
             raise ValueError(f"n_action_steps must be >= 1, got {self.n_action_steps}")
         if not 0.0 < self.t_warm <= 1.0:
             raise ValueError(f"t_warm must be in (0, 1], got {self.t_warm}")
+        if self.dtype not in (None, "bfloat16", "float16"):
+            raise ValueError(f"dtype must be None, 'bfloat16' or 'float16', got {self.dtype!r}")
         if self.warm_steps < 0 or self.min_steps < 1 or self.max_steps < self.min_steps:
             raise ValueError("need warm_steps >= 0 and 1 <= min_steps <= max_steps")
 
