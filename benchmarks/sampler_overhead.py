@@ -16,8 +16,8 @@
    reference way (per-parameter Python EMA loop).
 
 Every number is a median over interleaved repeats. The machine is shared, so both wall-clock and
-this thread's CPU time (``time.thread_time``, insensitive to being descheduled) are reported; the
-ratios are computed within one clock.
+the process CPU time (``time.process_time``: insensitive to being descheduled; with 2 threads it
+sums both threads' work) are reported; the ratios are computed within one clock.
 """
 from __future__ import annotations
 
@@ -123,11 +123,11 @@ class ReferenceEMA:
 
 # --- timing helpers -------------------------------------------------------------------------------
 def timed(fn, reps: int = 1) -> tuple[float, float]:
-    """(wall, thread-CPU) seconds per call of ``fn`` over ``reps`` calls."""
-    w0, c0 = time.perf_counter(), time.thread_time()
+    """(wall, process-CPU) seconds per call of ``fn`` over ``reps`` calls."""
+    w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(reps):
         fn()
-    return (time.perf_counter() - w0) / reps, (time.thread_time() - c0) / reps
+    return (time.perf_counter() - w0) / reps, (time.process_time() - c0) / reps
 
 
 def med(samples, clock):
@@ -230,14 +230,14 @@ def training_throughput(repeats: int, steps_per_rep: int = 3) -> list[dict]:
 OVERHEAD = ("sampler_overhead: sampler overhead at batch 1",
             "`python benchmarks/sampler_overhead.py`: `time(sample(N steps)) / (N * time(one forward))`, "
             "pure noise, x0 objective, `torch.inference_mode`, median over interleaved repeats; "
-            "wall-clock, with this thread's CPU time in brackets (the machine is shared). "
+            "wall-clock, with the process CPU time in brackets (the machine is shared). "
             "Targets: <= 1.15 U-Net, <= 1.5 MLP.")
 LATENCY = ("sampler_overhead: TemporalUNet forward latency",
-           "`python benchmarks/sampler_overhead.py`: 32 steps x 14 features, median ms, wall (thread CPU); "
+           "`python benchmarks/sampler_overhead.py`: 32 steps x 14 features, median ms, wall (process CPU); "
            "reference = re-creation of Janner et al.'s TemporalUnet structure (channels-first Conv1d).")
 TRAINING = ("sampler_overhead: TemporalUNet training steps/s",
             "`python benchmarks/sampler_overhead.py`: batch 32, x0 loss, AdamW, EMA update every step, dim 32; "
-            "median steps/s, wall (from thread CPU); reference = the re-creation trained the reference way "
+            "median steps/s, wall (from process CPU); reference = the re-creation trained the reference way "
             "(per-parameter Python EMA loop, default AdamW).")
 
 
@@ -277,30 +277,30 @@ def markdown(header, rows) -> str:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats")
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (2 threads on a busy 2-core machine is slow)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--skip-training", action="store_true")
     args = ap.parse_args(argv)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    all_rows = ([], [], [])
-    for n in args.threads:
+    for n in args.threads:  # each thread setting is written as soon as it is measured
         torch.set_num_threads(n)
         r = 5 if args.quick else 15
         overhead = sampler_overhead(r)
         latency = unet_latency(r)
         training = [] if args.skip_training else training_throughput(3 if args.quick else 7)
-        for acc, new, header in zip(all_rows, rows_for(n, overhead, latency, training), HEADERS):
-            acc.extend(new)
-            if new:
-                print(markdown(header, new) + "\n", flush=True)
-    if not args.no_write:
-        note = (f"sampler_overhead run on {cpu_name()}, load average {load:.1f} at start: wall-clock medians "
-                f"include time descheduled by other jobs; the bracketed thread-CPU figures do not.")
-        for (section, description), header, rows in zip((OVERHEAD, LATENCY, TRAINING), HEADERS, all_rows):
+        new_rows = rows_for(n, overhead, latency, training)
+        for header, rows in zip(HEADERS, new_rows):
             if rows:
-                path = results.append_rows(section, description, header, rows)
-        path.write_text(path.read_text().rstrip("\n") + f"\n\n{note}\n")
-        print(f"appended to {path}")
+                print(markdown(header, rows) + "\n", flush=True)
+        if not args.no_write:
+            for (section, description), header, rows in zip((OVERHEAD, LATENCY, TRAINING), HEADERS, new_rows):
+                if rows:
+                    path = results.append_rows(section, description, header, rows)
+            note = (f"sampler_overhead, {n} thread(s){', --quick' if args.quick else ''}, on {cpu_name()}, "
+                    f"load average {load:.1f} at start: wall-clock medians include time descheduled by other "
+                    f"jobs; the bracketed process-CPU figures do not (with 2 threads they sum both threads).")
+            path.write_text(path.read_text().rstrip("\n") + f"\n\n{note}\n")
+            print(f"appended to {path}")
 
 
 def cpu_name() -> str:
