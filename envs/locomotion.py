@@ -106,7 +106,7 @@ def medium_snapshot(family: str, root: Path | None = None) -> Snapshot:
     snaps = list_snapshots(family, root)
     if not snaps:
         raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
-    if PINNED[family]["medium"]:
+    if root is None and PINNED[family]["medium"]:  # pins name shipped snapshots
         return _by_name(snaps, PINNED[family]["medium"])
     target = MEDIUM_TARGET[family]
     scored = [s for s in snaps if s.score is not None]
@@ -117,7 +117,7 @@ def expert_snapshot(family: str, root: Path | None = None) -> Snapshot:
     snaps = list_snapshots(family, root)
     if not snaps:
         raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
-    if PINNED[family]["expert"]:
+    if root is None and PINNED[family]["expert"]:
         return _by_name(snaps, PINNED[family]["expert"])
     scored = [s for s in snaps if s.score is not None]
     return max(scored, key=lambda s: (s.score, -s.step))
