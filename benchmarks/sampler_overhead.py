@@ -19,9 +19,11 @@ Every number is a median over interleaved repeats. The machine is shared, so bot
 the process CPU time (``time.process_time``: insensitive to being descheduled; with 2 threads it
 sums both threads' work) are reported; the ratios are computed within one clock.
 """
+# ruff: noqa: B023  (the timing lambdas are called inside the loop iteration that defines them)
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import platform
@@ -31,14 +33,15 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import results  # noqa: E402  (benchmarks/results.py: stamps and RESULTS.md tables)
-from diffplan.diffusion import Schedule, diffusion_loss, make_denoiser, sample  # noqa: E402
-from diffplan.nn import EMA, MLPDenoiser, TemporalUNet  # noqa: E402
+import results
+
+from diffplan.diffusion import Schedule, diffusion_loss, make_denoiser, sample
+from diffplan.nn import EMA, MLPDenoiser, TemporalUNet
 
 
 # --- the reference TemporalUnet, re-created for comparison ------------------------------------------
@@ -81,7 +84,7 @@ class ReferenceTemporalUnet(nn.Module):
     def __init__(self, transition_dim, dim=32, dim_mults=(1, 2, 4, 8)):
         super().__init__()
         dims = [transition_dim, *[dim * m for m in dim_mults]]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         self.time_mlp = nn.Sequential(_SinPos(dim), nn.Linear(dim, 4 * dim), nn.Mish(), nn.Linear(4 * dim, dim))
         self.downs = nn.ModuleList(
             nn.ModuleList([_ResBlock(i, o, dim), _ResBlock(o, o, dim),
@@ -228,17 +231,17 @@ def training_throughput(repeats: int, steps_per_rep: int = 3) -> list[dict]:
 
 # --- report: three tables in benchmarks/RESULTS.md (benchmarks/results.py convention) ---------------
 OVERHEAD = ("sampler_overhead: sampler overhead at batch 1",
-            "`python benchmarks/sampler_overhead.py`: `time(sample(N steps)) / (N * time(one forward))`, "
-            "pure noise, x0 objective, `torch.inference_mode`, median over interleaved repeats; "
-            "wall-clock, with the process CPU time in brackets (the machine is shared). "
-            "Targets: <= 1.15 U-Net, <= 1.5 MLP.")
+            ("`python benchmarks/sampler_overhead.py`: `time(sample(N steps)) / (N * time(one forward))`, "
+             "pure noise, x0 objective, `torch.inference_mode`, median over interleaved repeats; "
+             "wall-clock, with the process CPU time in brackets (the machine is shared). "
+             "Targets: <= 1.15 U-Net, <= 1.5 MLP."))
 LATENCY = ("sampler_overhead: TemporalUNet forward latency",
-           "`python benchmarks/sampler_overhead.py`: 32 steps x 14 features, median ms, wall (process CPU); "
-           "reference = re-creation of Janner et al.'s TemporalUnet structure (channels-first Conv1d).")
+           ("`python benchmarks/sampler_overhead.py`: 32 steps x 14 features, median ms, wall (process CPU); "
+            "reference = re-creation of Janner et al.'s TemporalUnet structure (channels-first Conv1d)."))
 TRAINING = ("sampler_overhead: TemporalUNet training steps/s",
-            "`python benchmarks/sampler_overhead.py`: batch 32, x0 loss, AdamW, EMA update every step, dim 32; "
-            "median steps/s, wall (from process CPU); reference = the re-creation trained the reference way "
-            "(per-parameter Python EMA loop, default AdamW).")
+            ("`python benchmarks/sampler_overhead.py`: batch 32, x0 loss, AdamW, EMA update every step, dim 32; "
+             "median steps/s, wall (from process CPU); reference = the re-creation trained the reference way "
+             "(per-parameter Python EMA loop, default AdamW)."))
 
 
 def rows_for(threads: int, overhead, latency, training):
@@ -255,8 +258,8 @@ def rows_for(threads: int, overhead, latency, training):
     t_rows = [stamp + [str(r["H"]), str(r["D"]), str(r["mults"]), f"{r['ours']:.1f} ({r['ours_cpu']:.1f})",
                        f"{r['ours_fused']:.1f} ({r['ours_fused_cpu']:.1f})",
                        f"{r['reference']:.1f} ({r['reference_cpu']:.1f})",
-                       f"{r['ours'] / r['reference']:.2f}x / {r['ours_fused'] / r['reference']:.2f}x "
-                       f"({r['ours_cpu'] / r['reference_cpu']:.2f}x / {r['ours_fused_cpu'] / r['reference_cpu']:.2f}x)"]
+                       (f"{r['ours'] / r['reference']:.2f}x / {r['ours_fused'] / r['reference']:.2f}x "
+                        f"({r['ours_cpu'] / r['reference_cpu']:.2f}x / {r['ours_fused_cpu'] / r['reference_cpu']:.2f}x)")]
               for r in training]
     return o_rows, l_rows, t_rows
 
@@ -305,9 +308,10 @@ def main(argv=None) -> None:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or platform.machine()

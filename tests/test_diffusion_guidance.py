@@ -2,7 +2,13 @@
 import pytest
 import torch
 
-from diffplan.diffusion import Constraints, Schedule, ValueGuidance, cfg_denoiser, sample
+from diffplan.diffusion import (
+    Constraints,
+    Schedule,
+    ValueGuidance,
+    cfg_denoiser,
+    sample,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from diffplan.diffusion import (OBJECTIVES, Constraints, Schedule, diffusion_loss, make_denoiser, noise_to, target,
-                                to_x0)
+from diffplan.diffusion import (
+    OBJECTIVES,
+    Constraints,
+    Schedule,
+    diffusion_loss,
+    make_denoiser,
+    noise_to,
+    target,
+    to_x0,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -12,8 +12,18 @@ import math
 import pytest
 import torch
 
-from diffplan.diffusion import (SOLVERS, Constraints, Schedule, ddim, dpmpp_2m, euler, heun, make_denoiser, sample,
-                                time_grid)
+from diffplan.diffusion import (
+    SOLVERS,
+    Constraints,
+    Schedule,
+    ddim,
+    dpmpp_2m,
+    euler,
+    heun,
+    make_denoiser,
+    sample,
+    time_grid,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,7 +123,7 @@ def fake_model(x, k):
 def test_trajectories_match_diffusers(name, prediction, beta_schedule):
     diffusers = pytest.importorskip("diffusers")
     T, steps = 1000, 12
-    common = dict(num_train_timesteps=T, beta_schedule=beta_schedule, prediction_type=prediction)
+    common = {"num_train_timesteps": T, "beta_schedule": beta_schedule, "prediction_type": prediction}
     if beta_schedule == "scaled_linear":
         common.update(beta_start=0.00085, beta_end=0.012)
     if name.startswith("ddim"):

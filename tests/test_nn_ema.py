@@ -1,7 +1,7 @@
 """EMA: the update rule against a hand computation, warm-up schedules, state and weight swapping."""
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 
 from diffplan.nn import EMA
 

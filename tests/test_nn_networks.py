@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from diffplan.diffusion import Schedule, diffusion_loss
-from diffplan.nn import (MLPDenoiser, SinusoidalEmbedding, TemporalUNet, TemporalUNetConfig, TimeCondEmbedding,
-                         Transformer1d)
+from diffplan.nn import (
+    MLPDenoiser,
+    SinusoidalEmbedding,
+    TemporalUNet,
+    TemporalUNetConfig,
+    TimeCondEmbedding,
+    Transformer1d,
+)
 
 
 @pytest.fixture(autouse=True, scope="module")

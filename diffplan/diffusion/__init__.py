@@ -5,12 +5,36 @@ Convention: a continuous noise level ``t in [0, 1]``, ``x_t = alpha(t) x0 + sigm
 """
 from .constraints import Constraints, as_constraints
 from .guidance import ValueGuidance, cfg_denoiser
-from .objectives import OBJECTIVES, diffusion_loss, make_denoiser, noise_to, target, to_x0
+from .objectives import (
+    OBJECTIVES,
+    diffusion_loss,
+    make_denoiser,
+    noise_to,
+    target,
+    to_x0,
+)
 from .schedules import DiscreteSchedule, Schedule
 from .solvers import SOLVERS, ddim, ddpm, dpmpp_2m, euler, heun, sample, time_grid
 
 __all__ = [
-    "Constraints", "DiscreteSchedule", "OBJECTIVES", "SOLVERS", "Schedule", "ValueGuidance", "as_constraints",
-    "cfg_denoiser", "ddim", "ddpm", "diffusion_loss", "dpmpp_2m", "euler", "heun", "make_denoiser", "noise_to",
-    "sample", "target", "time_grid", "to_x0",
+    "OBJECTIVES",
+    "SOLVERS",
+    "Constraints",
+    "DiscreteSchedule",
+    "Schedule",
+    "ValueGuidance",
+    "as_constraints",
+    "cfg_denoiser",
+    "ddim",
+    "ddpm",
+    "diffusion_loss",
+    "dpmpp_2m",
+    "euler",
+    "heun",
+    "make_denoiser",
+    "noise_to",
+    "sample",
+    "target",
+    "time_grid",
+    "to_x0",
 ]

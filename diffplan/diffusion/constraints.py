@@ -14,7 +14,7 @@ step applies them with a single ``torch.where``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -42,7 +42,7 @@ class Constraints:
         self.parts = [(index, dims, values)]
 
     @classmethod
-    def start_goal(cls, start: torch.Tensor, goal: torch.Tensor | None = None, dims=None) -> "Constraints":
+    def start_goal(cls, start: torch.Tensor, goal: torch.Tensor | None = None, dims=None) -> Constraints:
         """``x[:, 0, dims] = start`` and, if given, ``x[:, -1, dims] = goal``; ``start, goal``: ``(B, d)``.
 
         ``dims`` defaults to the first ``d`` features.
@@ -53,14 +53,14 @@ class Constraints:
             c = c + cls([-1], dims, goal.unsqueeze(-2))
         return c
 
-    def __add__(self, other: "Constraints | None") -> "Constraints":
+    def __add__(self, other: Constraints | None) -> Constraints:
         if other is None:
             return self
         out = Constraints.__new__(Constraints)
         out.parts = self.parts + other.parts
         return out
 
-    def __radd__(self, other) -> "Constraints":  # lets sum([c1, c2]) work (it starts from 0)
+    def __radd__(self, other) -> Constraints:  # lets sum([c1, c2]) work (it starts from 0)
         return self if other is None or (isinstance(other, int) and other == 0) else other + self
 
     def dense(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

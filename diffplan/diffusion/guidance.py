@@ -15,8 +15,8 @@ prediction), so this works for any objective.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

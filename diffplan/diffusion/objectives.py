@@ -20,11 +20,11 @@ the same ``x_t``, so mixing ``x0`` estimates equals mixing raw predictions.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from .constraints import Constraints, as_constraints
+from .constraints import as_constraints
 from .schedules import Schedule
 
 OBJECTIVES = ("x0", "eps", "v", "flow")

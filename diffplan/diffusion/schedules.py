@@ -53,44 +53,44 @@ class Schedule:
 
     # --- constructors -------------------------------------------------------------------------
     @classmethod
-    def vp_cosine(cls, s: float = 0.008) -> "Schedule":
+    def vp_cosine(cls, s: float = 0.008) -> Schedule:
         return cls("vp_cosine", {"s": s})
 
     @classmethod
-    def vp_linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> "Schedule":
+    def vp_linear(cls, beta_min: float = 0.1, beta_max: float = 20.0) -> Schedule:
         """``beta(t) = beta_min + t (beta_max - beta_min)``; the defaults are DDPM's 1e-4..2e-2 over 1000 steps."""
         return cls("vp_linear", {"beta_min": beta_min, "beta_max": beta_max})
 
     @classmethod
-    def rectified_flow(cls) -> "Schedule":
+    def rectified_flow(cls) -> Schedule:
         return cls("rectified_flow", {})
 
     @classmethod
-    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, T: int = 1000) -> "Schedule":
+    def scaled_linear(cls, beta_start: float = 0.00085, beta_end: float = 0.012, T: int = 1000) -> Schedule:
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float32) ** 2  # as diffusers
         table = _table_from_betas(betas).double()
         return cls._from_table("scaled_linear", {"beta_start": beta_start, "beta_end": beta_end, "T": T}, table)
 
     @classmethod
-    def from_betas(cls, betas) -> "Schedule":
+    def from_betas(cls, betas) -> Schedule:
         betas = torch.as_tensor(betas)
         return cls.from_alphas_cumprod(_table_from_betas(betas))
 
     @classmethod
-    def from_alphas_cumprod(cls, alphas_cumprod) -> "Schedule":
+    def from_alphas_cumprod(cls, alphas_cumprod) -> Schedule:
         """A DDPM table ``alphas_cumprod[k]`` for training index ``k = 0..T-1`` (i.e. ``t = (k+1)/T``)."""
         ac = torch.as_tensor(alphas_cumprod).double()
         return cls._from_table("table", {"alphas_cumprod": ac.tolist()}, ac)
 
     @classmethod
-    def _from_table(cls, kind: str, params: dict, alphas_cumprod: torch.Tensor) -> "Schedule":
+    def _from_table(cls, kind: str, params: dict, alphas_cumprod: torch.Tensor) -> Schedule:
         if alphas_cumprod.ndim != 1 or not bool(((alphas_cumprod > 0) & (alphas_cumprod < 1)).all()):
             raise ValueError("alphas_cumprod must be a 1-D table with values in (0, 1)")
         log_ac = torch.cat([torch.zeros(1, dtype=torch.float64), alphas_cumprod.log()])  # t = 0 is data
         return cls(kind, params, log_ac)
 
     @classmethod
-    def from_config(cls, config: dict | str) -> "Schedule":
+    def from_config(cls, config: dict | str) -> Schedule:
         """Inverse of ``to_config``; a bare name builds that schedule with its defaults."""
         if isinstance(config, str):
             config = {"kind": config}
@@ -163,7 +163,7 @@ class Schedule:
         return da, -a * da / self.sigma(t)
 
     # --- discrete view -----------------------------------------------------------------------
-    def discrete(self, T: int) -> "DiscreteSchedule":
+    def discrete(self, T: int) -> DiscreteSchedule:
         return DiscreteSchedule(self, T)
 
 

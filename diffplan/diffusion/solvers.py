@@ -22,7 +22,7 @@ from ``t = ts[i]`` to ``s = ts[i + 1]``; ``alpha_t, sigma_t`` etc. are the sched
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

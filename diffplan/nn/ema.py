@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn as nn
+from torch import nn
 
 
 class EMA:
@@ -52,7 +52,7 @@ class EMA:
             torch._foreach_copy_([self.shadow[k] for k in self._copy], [live[k].detach() for k in self._copy])
         self.step += 1
 
-    def to(self, *args, **kwargs) -> "EMA":
+    def to(self, *args, **kwargs) -> EMA:
         self.shadow = {k: v.to(*args, **kwargs) for k, v in self.shadow.items()}
         return self
 

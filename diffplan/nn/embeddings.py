@@ -12,8 +12,7 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
+from torch import nn
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -32,12 +32,13 @@ the inpainted end of a plan sit at an index the model never saw in training).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .embeddings import TimeCondEmbedding
 
@@ -160,7 +161,7 @@ class TemporalUNet(nn.Module):
             config = TemporalUNetConfig(transition_dim, dim, tuple(dim_mults), cond_dim, kernel_size, groups, film, attention)
         self.config = c = config
         dims = [c.transition_dim] + [c.dim * m for m in c.dim_mults]
-        in_out = list(zip(dims[:-1], dims[1:]))
+        in_out = list(itertools.pairwise(dims))
         self.horizon_multiple = 2 ** (len(c.dim_mults) - 1)
 
         def block(c_in, c_out):
