@@ -14,14 +14,6 @@ from diffplan.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: a second intra-op thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SCHEDULES = [Schedule.vp_cosine(), Schedule.vp_linear(), Schedule.scaled_linear(), Schedule.rectified_flow()]
 
 

@@ -7,14 +7,6 @@ import torch
 from diffplan.diffusion import Schedule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: a second intra-op thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 SCHEDULES = [Schedule.vp_cosine(), Schedule.vp_linear(), Schedule.scaled_linear(), Schedule.rectified_flow()]
 IDS = [s.kind for s in SCHEDULES]
 

@@ -26,14 +26,6 @@ from diffplan.diffusion import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: a second intra-op thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 MU, SD = 0.5, 0.3
 
 

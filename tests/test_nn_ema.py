@@ -6,14 +6,6 @@ from torch import nn
 from diffplan.nn import EMA
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: a second intra-op thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 class Tiny(nn.Module):
     def __init__(self):

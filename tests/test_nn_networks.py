@@ -15,14 +15,6 @@ from diffplan.nn import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny ops: a second intra-op thread only adds contention on a shared CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def make(kind, D, H, cond_dim=0, **kw):
     if kind == "unet":

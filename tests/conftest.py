@@ -1,0 +1,12 @@
+"""Shared test settings."""
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny models: a second intra-op thread only adds contention on a small shared CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
