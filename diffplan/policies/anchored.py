@@ -234,16 +234,13 @@ class AnchoredDiffusionPolicy(PolicyBase):
 
     def __init__(self, config: AnchoredConfig, spec: SpaceSpec):
         super().__init__(config, spec)
-        from diffplan.data import GaussianNormalizer
 
         c = config
         self.act_dim, self.obs_dim, self.goal_dim = spec.act_dim, spec.obs_dim, spec.goal_dim
         self.plan_shape = (c.chunk, spec.act_dim)
         self.default_steps = c.steps
         self.schedule = _schedule(c.schedule)
-        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
-        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
-        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+        self.add_obs_action_normalizers()
         self.register_buffer("anchors", torch.zeros(c.num_anchors, c.chunk, spec.act_dim))
         self.register_buffer("t_trunc", torch.tensor(float(c.truncation or 0.05)))
         self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width)
@@ -255,10 +252,7 @@ class AnchoredDiffusionPolicy(PolicyBase):
     def from_dataset(cls, dataset, config: AnchoredConfig) -> "AnchoredDiffusionPolicy":
         """Fit the normalizers, the K anchors and (if not given) the truncation level."""
         policy = cls(config, SpaceSpec.from_dataset(dataset))
-        policy.obs_normalizer.fit(dataset.observations)
-        if policy.goal_normalizer is not None:
-            policy.goal_normalizer.fit(dataset.goals)
-        policy.action_normalizer.fit(dataset.actions)
+        policy.fit_obs_action_normalizers(dataset)
         windows = policy._windows(dataset)
         rng = np.random.default_rng(config.seed)
         n = len(windows)

@@ -8,8 +8,7 @@ which every ``act`` goes through.
 """
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -177,6 +176,32 @@ class PolicyBase(nn.Module):
     def action_to_env(self, action: torch.Tensor) -> torch.Tensor:
         """Clip actions (B, act_dim) into the action space."""
         return torch.maximum(torch.minimum(action, self._action_high), self._action_low)
+
+    # ------------------------------------------------------------------ observation -> action policies
+    def add_obs_action_normalizers(self) -> None:
+        """Gaussian normalizers for observations, goals (goal envs only) and actions: the inputs and
+        outputs of the policies that map an observation to an action chunk (BC, Diffusion Policy,
+        anchored). Saved in the checkpoint as ``obs_normalizer.*``, ``goal_normalizer.*``,
+        ``action_normalizer.*``."""
+        from diffplan.data import GaussianNormalizer
+
+        spec = self.spec
+        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
+        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
+        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+
+    def fit_obs_action_normalizers(self, dataset) -> None:
+        self.obs_normalizer.fit(dataset.observations)
+        if self.goal_normalizer is not None:
+            self.goal_normalizer.fit(dataset.goals)
+        self.action_normalizer.fit(dataset.actions)
+
+    def obs_features(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+        """Normalized ``[obs, goal]`` (B, obs_dim + goal_dim), the usual conditioning vector."""
+        x = self.obs_normalizer.normalize(obs)
+        if self.goal_normalizer is not None:
+            x = torch.cat([x, self.goal_normalizer.normalize(goal)], -1)
+        return x
 
     # ------------------------------------------------------------------ training hooks
     @classmethod

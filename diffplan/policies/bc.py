@@ -34,12 +34,9 @@ class BCPolicy(PolicyBase):
 
     def __init__(self, config: BCConfig, spec: SpaceSpec):
         super().__init__(config, spec)
-        from diffplan.data import GaussianNormalizer
 
         self.plan_shape = (1, spec.act_dim)
-        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
-        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
-        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+        self.add_obs_action_normalizers()
         dims = (spec.obs_dim + spec.goal_dim, *config.hidden)
         layers = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -49,10 +46,7 @@ class BCPolicy(PolicyBase):
     @classmethod
     def from_dataset(cls, dataset, config: BCConfig) -> "BCPolicy":
         policy = cls(config, SpaceSpec.from_dataset(dataset))
-        policy.obs_normalizer.fit(dataset.observations)
-        if policy.goal_normalizer is not None:
-            policy.goal_normalizer.fit(dataset.goals)
-        policy.action_normalizer.fit(dataset.actions)
+        policy.fit_obs_action_normalizers(dataset)
         return policy
 
     def batches(self, dataset, batch_size: int):
@@ -70,9 +64,7 @@ class BCPolicy(PolicyBase):
 
     def forward(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
         """Raw obs (B, obs_dim), goal (B, goal_dim)|None -> normalized action (B, act_dim)."""
-        x = self.obs_normalizer.normalize(obs)
-        if self.goal_normalizer is not None:
-            x = torch.cat([x, self.goal_normalizer.normalize(goal)], -1)
+        x = self.obs_features(obs, goal)
         return self.net(x)
 
     def loss(self, batch):

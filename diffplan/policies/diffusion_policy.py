@@ -47,16 +47,13 @@ class DiffusionPolicy(PolicyBase):
 
     def __init__(self, config: DiffusionPolicyConfig, spec: SpaceSpec):
         super().__init__(config, spec)
-        from diffplan.data import GaussianNormalizer
         from diffplan.diffusion import Schedule
         from diffplan.nn import TemporalUNet
 
         self.plan_shape = (config.horizon, spec.act_dim)
         self.default_steps = config.steps
         self.schedule = getattr(Schedule, config.schedule)()
-        self.obs_normalizer = GaussianNormalizer(spec.obs_dim)
-        self.goal_normalizer = GaussianNormalizer(spec.goal_dim) if spec.goal_dim else None
-        self.action_normalizer = GaussianNormalizer(spec.act_dim)
+        self.add_obs_action_normalizers()
         self.net = TemporalUNet(spec.act_dim, dim=config.dim, dim_mults=config.dim_mults,
                                 cond_dim=spec.obs_dim + spec.goal_dim, film=True)
 
@@ -64,10 +61,7 @@ class DiffusionPolicy(PolicyBase):
     @classmethod
     def from_dataset(cls, dataset, config: DiffusionPolicyConfig) -> "DiffusionPolicy":
         policy = cls(config, SpaceSpec.from_dataset(dataset))
-        policy.obs_normalizer.fit(dataset.observations)
-        if policy.goal_normalizer is not None:
-            policy.goal_normalizer.fit(dataset.goals)
-        policy.action_normalizer.fit(dataset.actions)
+        policy.fit_obs_action_normalizers(dataset)
         return policy
 
     def batches(self, dataset, batch_size: int):
@@ -88,9 +82,7 @@ class DiffusionPolicy(PolicyBase):
 
     def condition(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
         """Raw obs (B, obs_dim), goal (B, goal_dim)|None -> FiLM condition (B, obs_dim + goal_dim)."""
-        c = self.obs_normalizer.normalize(obs)
-        if self.goal_normalizer is not None:
-            c = torch.cat([c, self.goal_normalizer.normalize(goal)], -1)
+        c = self.obs_features(obs, goal)
         return c
 
     def loss(self, batch):
