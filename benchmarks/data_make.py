@@ -9,7 +9,6 @@ Prints steps/s and wall times, and appends a row to the ``## data_make`` table o
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import sys
 import tempfile
@@ -17,13 +16,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import commit, machine
+from results import append_rows, stamp  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
-SECTION = "## data_make"
-HEADER = ("| date | machine | commit | task | steps | episodes | collect s | collect steps/s "
-          "| Minari write s | Minari read s | total s |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|\n")
+HEADER = ["date", "machine", "commit", "task", "steps", "episodes", "collect s", "collect steps/s",
+          "Minari write s", "Minari read s", "total s"]
 
 
 def main(argv=None) -> int:
@@ -62,29 +58,10 @@ def main(argv=None) -> int:
     print(f"read     {read:7.1f} s  (Minari -> OfflineDataset)")
     print(f"total    {total:7.1f} s  (collect + write)")
     if not args.no_record:
-        row = (f"| {datetime.date.today()} | {machine()} | {commit()} | {card.name} "
-               f"| {len(data):,} | {data.num_episodes:,} | {collect:.1f} "
-               f"| {len(data) / collect:,.0f} | {write:.1f} | {read:.1f} | {total:.1f} |\n")
-        _append_row(row)
-        print(f"recorded in {RESULTS}")
+        row = stamp() + [card.name, f"{len(data):,}", f"{data.num_episodes:,}", f"{collect:.1f}",
+                         f"{len(data) / collect:,.0f}", f"{write:.1f}", f"{read:.1f}", f"{total:.1f}"]
+        print(f"recorded in {append_rows('data_make', _DESCRIPTION, HEADER, [row])}")
     return 0
-
-
-def _append_row(row: str) -> None:
-    """Add `row` after the last row of the data_make table, creating the file or section if
-    needed (notes written under the table stay under it)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    if SECTION not in text:
-        text = text.rstrip("\n") + f"\n\n{SECTION}\n\n{_DESCRIPTION}\n\n{HEADER}{row}"
-    else:
-        start = text.index(SECTION)
-        nxt = text.find("\n## ", start + len(SECTION))
-        end = len(text) if nxt < 0 else nxt + 1
-        lines = text[start:end].splitlines(keepends=True)
-        last = max(i for i, line in enumerate(lines) if line.startswith("|"))
-        lines.insert(last + 1, row)
-        text = text[:start] + "".join(lines) + text[end:]
-    RESULTS.write_text(text)
 
 
 _DESCRIPTION = ("`python benchmarks/data_make.py`: the task's dataset recipe (collection with "

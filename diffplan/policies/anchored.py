@@ -299,16 +299,7 @@ class AnchoredDiffusionPolicy(PolicyBase):
                                goal=bool(self.goal_dim) and dataset.goals is not None)
 
     def batches(self, dataset, batch_size: int):
-        windows = self._windows(dataset)
-
-        def sample_batch(step: int, rng: np.random.Generator) -> dict:
-            w = windows.sample(batch_size, rng)
-            out = {"obs": w["observations"][:, 0], "actions": w["actions"]}
-            if "goal" in w:
-                out["goal"] = w["goal"]
-            return out
-
-        return sample_batch
+        return self.action_chunk_batches(dataset, self.config.chunk, batch_size, pad=self.config.pad)
 
     def context(self, obs: torch.Tensor, goal: torch.Tensor | None) -> list:
         """Raw observations (B, obs_dim), goals (B, goal_dim)|None -> per-stage keys/values."""

@@ -196,6 +196,23 @@ class PolicyBase(nn.Module):
             self.goal_normalizer.fit(dataset.goals)
         self.action_normalizer.fit(dataset.actions)
 
+    def action_chunk_batches(self, dataset, chunk: int, batch_size: int, pad: bool = False):
+        """Trainer batches of ``chunk`` consecutive actions inside one episode with the observation
+        (and goal) at the chunk's first step: ``{"obs", "actions", ["goal"]}``."""
+        from diffplan.data import SequenceWindows
+
+        windows = SequenceWindows(dataset, chunk, keys=("observations", "actions"), pad=pad,
+                                  goal=bool(self.spec.goal_dim) and dataset.goals is not None)
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            w = windows.sample(batch_size, rng)
+            out = {"obs": w["observations"][:, 0], "actions": w["actions"]}
+            if "goal" in w:
+                out["goal"] = w["goal"]
+            return out
+
+        return sample_batch
+
     def obs_features(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
         """Normalized ``[obs, goal]`` (B, obs_dim + goal_dim), the usual conditioning vector."""
         x = self.obs_normalizer.normalize(obs)

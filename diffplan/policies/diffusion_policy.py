@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
@@ -66,19 +65,7 @@ class DiffusionPolicy(PolicyBase):
 
     def batches(self, dataset, batch_size: int):
         """Chunks of ``horizon`` actions inside one episode, with the observation before them."""
-        from diffplan.data import SequenceWindows
-
-        windows = SequenceWindows(dataset, self.config.horizon, keys=("observations", "actions"),
-                                  goal=bool(self.spec.goal_dim) and dataset.goals is not None)
-
-        def sample_batch(step: int, rng: np.random.Generator) -> dict:
-            w = windows.sample(batch_size, rng)
-            out = {"obs": w["observations"][:, 0], "actions": w["actions"]}
-            if "goal" in w:
-                out["goal"] = w["goal"]
-            return out
-
-        return sample_batch
+        return self.action_chunk_batches(dataset, self.config.horizon, batch_size)
 
     def condition(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
         """Raw obs (B, obs_dim), goal (B, goal_dim)|None -> FiLM condition (B, obs_dim + goal_dim)."""
