@@ -266,3 +266,90 @@ def test_the_shipped_umaze_checkpoint_loads_and_plans_from_its_start_to_its_goal
     torch.testing.assert_close(states[0, 0], obs[0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(states[0, -1, :2], goal[0], rtol=1e-4, atol=1e-4)
     assert (states[0, 1:, :2] - states[0, :-1, :2]).norm(dim=-1).max() < 0.5  # a continuous path
+
+
+# ---------------------------------------------------------------- guidance distillation
+def _cfg_gap(student, teacher, w, data):
+    """On noised, inpainted training windows (t <= 0.6), as in the distillation loss: the mean
+    squared gap between the student's conditional output and the teacher's CFG output, and the
+    cosine between (student - teacher's conditional output) and (CFG output - the same)."""
+    from diffplan.diffusion import noise_to
+    from diffplan.policies.diffuser import window_constraints
+
+    batch = {k: torch.as_tensor(v) for k, v in student.batches(data, 64)(0, np.random.default_rng(7)).items()}
+    g = torch.Generator().manual_seed(7)
+    x0 = student.normalizer.normalize(batch["x"])
+    t = torch.rand(64, generator=g) * 0.6
+    x = window_constraints(x0, 4, True).apply(noise_to(x0, t, student.schedule, generator=g))
+    c = student._net_cond(student._train_condition(x0, batch))
+    with torch.no_grad():
+        cond = teacher(x, t, c)
+        guided = torch.lerp(teacher(x, t, torch.zeros_like(c)), cond, w)
+        out = student.net(x, t, c)
+    gap = float((out - guided)[:, 1:-1].pow(2).mean())
+    move, wanted = (out - cond)[:, 1:-1].flatten(), (guided - cond)[:, 1:-1].flatten()
+    return gap, float(torch.nn.functional.cosine_similarity(move, wanted, dim=0))
+
+
+def _teacher_checkpoint(tmp_path, data):
+    """A tiny goal-CFG refiner, trained briefly so that its condition matters."""
+    from diffplan.train import TrainConfig, Trainer
+
+    torch.manual_seed(0)
+    teacher = TrajectoryDiffuser.from_dataset(data, tiny(train_parts=("refiner",), cond_dropout=0.5))
+    Trainer(teacher, teacher.batches(data, 16), TrainConfig(steps=60, batch_size=16, lr=3e-3, warmup_steps=5,
+                                                            ema_decay=0.0, progress=False, log_every=60)).fit()
+    return teacher.save(tmp_path / "teacher")
+
+
+def test_guidance_distillation_drives_the_conditional_output_to_the_teachers_cfg_output(tmp_path):
+    from diffplan.policies.training import train_policy
+
+    data = maze_dataset()
+    path = _teacher_checkpoint(tmp_path, data)
+    cfg = {"kind": "trajectory_diffuser", "task": "synthetic",
+           "policy": {**{k: v for k, v in vars(tiny()).items() if k != "runtime"}, "dim_mults": [1, 2],
+                      "train_parts": ["refiner"], "distill_from": str(path), "distill_w": 8.0, "train_t_max": 0.6},
+           "train": {"steps": 150, "batch_size": 16, "lr": 2e-3, "warmup_steps": 5, "ema_decay": 0.0,
+                     "log_every": 150, "ckpt_every": 150}}
+    torch.manual_seed(0)
+    fresh = TrajectoryDiffuser.from_dataset(data, from_cfg(cfg))
+    teacher = fresh.teacher
+    # the student starts as the teacher; the teacher is frozen and not part of the checkpoint
+    torch.testing.assert_close(fresh.net.state_dict(), teacher.state_dict())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert not any(k.startswith("_teacher") for k in fresh.state_dict())
+    before, _ = _cfg_gap(fresh, teacher, 8.0, data)
+    assert before > 1e-3  # w=8 differs from the conditional model: there is something to learn
+    student = train_policy(cfg, tmp_path / "run", progress=False, dataset=data)
+    after, direction = _cfg_gap(student, teacher, 8.0, data)
+    # the conditional output moved from the teacher's conditional output toward its CFG output
+    assert after < 0.6 * before and direction > 0.6, (before, after, direction)
+    # what was saved is the student alone, and it loads without the teacher
+    loaded = load_policy(tmp_path / "run")
+    assert loaded.teacher is None
+    torch.testing.assert_close(loaded.net.state_dict(), student.net.state_dict())
+
+
+def from_cfg(cfg):
+    from diffplan.config import from_dict
+
+    return from_dict(TrajectoryDiffuserConfig, cfg["policy"], "policy")
+
+
+def test_distillation_refuses_a_teacher_that_does_not_fit(tmp_path):
+    data = maze_dataset()
+    path = TrajectoryDiffuser.from_dataset(data, tiny(dim=16)).save(tmp_path / "wide")
+    with pytest.raises(ValueError, match="does not fit"):
+        TrajectoryDiffuser.from_dataset(data, tiny(distill_from=str(path)))
+    other = TrajectoryDiffuser.from_dataset(maze_dataset(seed=1), tiny()).save(tmp_path / "other")
+    with pytest.raises(ValueError, match="other data"):
+        TrajectoryDiffuser.from_dataset(data, tiny(distill_from=str(other)))
+    with pytest.raises(ValueError, match="refiner"):
+        tiny(distill_from=str(path), train_parts=("drafter",))
+    with pytest.raises(ValueError, match="distill_w"):
+        tiny(distill_w=-1.0)
+    student = TrajectoryDiffuser(tiny(distill_from=str(path)), MAZE)  # built without from_dataset
+    batch = {k: torch.as_tensor(v) for k, v in student.batches(data, 4)(0, np.random.default_rng(0)).items()}
+    with pytest.raises(RuntimeError, match="no teacher"):
+        student.loss(batch)

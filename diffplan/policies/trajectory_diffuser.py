@@ -53,7 +53,7 @@ from diffplan.data import (
     SequenceWindows,
     discounted_returns,
 )
-from diffplan.diffusion import cfg_denoiser, diffusion_loss, make_denoiser, sample
+from diffplan.diffusion import cfg_denoiser, diffusion_loss, make_denoiser, noise_to, sample
 from diffplan.nn import TemporalUNet
 from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerConfig
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
@@ -107,6 +107,11 @@ class TrajectoryDiffuserConfig:
     # training
     train_parts: tuple[str, ...] = PARTS  # parts whose loss is trained; others stay frozen
     init_from: str | None = None  # checkpoint whose weights give the parts not in train_parts
+    # guidance distillation (Meng et al. 2023): the refiner starts as a copy of this checkpoint's
+    # refiner (frozen, the teacher) and learns to output, at its condition, the teacher's CFG output
+    # null + distill_w (cond - null); at the null condition, the teacher's null output
+    distill_from: str | None = None
+    distill_w: float = 3.0
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -128,6 +133,10 @@ class TrajectoryDiffuserConfig:
         unknown = sorted(set(self.train_parts) - set(PARTS))
         if unknown or not self.train_parts:
             raise ValueError(f"train_parts must be a non-empty subset of {PARTS}, got {self.train_parts}")
+        if self.distill_from and "refiner" not in self.train_parts:
+            raise ValueError("distill_from trains the refiner: add 'refiner' to train_parts")
+        if not math.isfinite(self.distill_w) or self.distill_w < 0:
+            raise ValueError(f"distill_w must be a finite number >= 0, got {self.distill_w}")
 
 
 class InverseDynamics(nn.Module):
@@ -185,6 +194,8 @@ class TrajectoryDiffuser(PolicyBase):
             policy.default_return.fill_(0.9 * float(rtg.max()) / float(policy.return_scale))
         if config.init_from:
             policy.load_weights(config.init_from, skip=config.train_parts)
+        if config.distill_from:
+            policy.load_teacher(config.distill_from)
         for part in set(PARTS) - set(config.train_parts):
             getattr(policy, PART_MODULES[part]).requires_grad_(False)
         return policy
@@ -202,6 +213,35 @@ class TrajectoryDiffuser(PolicyBase):
             raise ValueError(f"init_from {path}: weights do not fit this policy (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
         self.load_state_dict(state, strict=False)
+
+    def load_teacher(self, path) -> None:
+        """Guidance distillation: a frozen copy of ``path``'s refiner becomes the teacher, and this
+        policy's refiner starts from the same weights. The teacher is kept out of ``state_dict``
+        (it is not saved with the student); it must have been trained on the same data (same
+        normalizer) with the same U-Net shape."""
+        from diffplan.train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(Path(path)).model_state
+        own = self.state_dict()
+        for key in ("normalizer", "return_scale"):  # same data, same units of x and of the condition
+            for k in (k for k in own if k.startswith(key)):
+                if k not in state or not torch.equal(state[k].to(own[k]), own[k]):
+                    raise ValueError(f"distill_from {path}: teacher was fitted to other data ({k} differs)")
+        teacher = TemporalUNet(self.dim, dim=self.config.dim, dim_mults=self.config.dim_mults,
+                               cond_dim=self.cond_dim + 1)
+        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        try:
+            teacher.load_state_dict(net_state)
+        except RuntimeError as e:
+            raise ValueError(f"distill_from {path}: its refiner does not fit this U-Net "
+                             f"(dim {self.config.dim}, dim_mults {self.config.dim_mults}): {e}") from None
+        self.net.load_state_dict(teacher.state_dict())
+        self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)  # not a submodule: not saved
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen refiner being distilled from (set by ``load_teacher``), or None."""
+        return self.__dict__.get("_teacher")
 
     def batches(self, dataset, batch_size: int):
         cfg = self.config
@@ -228,8 +268,12 @@ class TrajectoryDiffuser(PolicyBase):
             keep = (torch.rand(x0.shape[0], 1, device=x0.device) >= cfg.cond_dropout).to(x0.dtype)
             net_cond = self._net_cond(cond) * keep  # dropped rows get the null condition (zeros)
             t = torch.rand(x0.shape[0], device=x0.device, dtype=x0.dtype) * cfg.train_t_max
-            loss = diffusion_loss(self.net, x0, self.schedule, objective=cfg.objective, cond=net_cond, t=t,
-                                  constraints=window_constraints(x0, self.obs_dim, self.goal_task))
+            constraints = window_constraints(x0, self.obs_dim, self.goal_task)
+            if cfg.distill_from:
+                loss = self._distill_loss(x0, t, self._net_cond(cond), keep, constraints)
+            else:
+                loss = diffusion_loss(self.net, x0, self.schedule, objective=cfg.objective, cond=net_cond, t=t,
+                                      constraints=constraints)
             logs["refiner"] = loss.detach()
             total = total + loss
         if "drafter" in cfg.train_parts:
@@ -247,6 +291,29 @@ class TrajectoryDiffuser(PolicyBase):
             logs["inverse"] = loss.detach()
             total = total + cfg.inverse_weight * loss
         return total, logs
+
+    def _distill_loss(self, x0n, t, net_cond, keep, constraints) -> torch.Tensor:
+        """Guidance distillation (Meng et al. 2023, stage one at a fixed w): on the refiner's own
+        training inputs (noised windows, inpainted), the student's output at the condition
+        matches the teacher's ``null + w (cond - null)``; rows whose condition was dropped
+        (``keep`` = 0) match the teacher's null output, so the student stays a CFG model.
+        Compared in the network's output space (for any objective, CFG is affine there)."""
+        teacher = self.teacher
+        if teacher is None:
+            raise RuntimeError(f"distill_from is set but no teacher is loaded: build the policy with "
+                               f"from_dataset or call load_teacher({self.config.distill_from!r})")
+        teacher.to(x0n.device)
+        eps = torch.randn_like(x0n)
+        x_t = noise_to(x0n, t, self.schedule, eps=eps)
+        mask, fill = constraints.dense(x_t)
+        x_t = torch.where(mask, fill, x_t)
+        with torch.no_grad():
+            both = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]),
+                           torch.cat([net_cond, torch.zeros_like(net_cond)]))
+            d_cond, d_null = both.float().chunk(2)
+            target = torch.where(keep[:, :, None] > 0, torch.lerp(d_null, d_cond, self.config.distill_w), d_null)
+        err = (self.net(x_t, t, net_cond * keep) - target.to(x_t.dtype)) ** 2
+        return err.masked_fill(mask, 0.0).mean()
 
     def _train_condition(self, x0n: torch.Tensor, batch) -> torch.Tensor:
         """(B, cond_dim): the window's end position (goal tasks) or its scaled first-step RTG."""
