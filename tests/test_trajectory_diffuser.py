@@ -353,3 +353,21 @@ def test_distillation_refuses_a_teacher_that_does_not_fit(tmp_path):
     batch = {k: torch.as_tensor(v) for k, v in student.batches(data, 4)(0, np.random.default_rng(0)).items()}
     with pytest.raises(RuntimeError, match="no teacher"):
         student.loss(batch)
+
+
+@pytest.mark.parametrize("steps,noise_draft", [(1, True), (3, True), (2, False)])
+def test_plan_equals_the_generic_sampler_on_the_constrained_noised_draft(steps, noise_draft):
+    from diffplan.diffusion import sample
+
+    policy = maze_policy(noise_draft=noise_draft, guidance_w=1.5)
+    obs, goal = obs_goal()
+    noise = torch.randn(2, H, 4, generator=torch.Generator().manual_seed(1))
+    cond = policy.condition(obs, goal)
+    constraints = policy.constraints(obs, goal)
+    x = constraints.apply(policy.draft(obs, cond))
+    if noise_draft:
+        t = torch.tensor(0.5)
+        x = policy.schedule.alpha(t) * x + policy.schedule.sigma(t) * noise
+    ref = sample(policy.denoiser(cond), x, schedule=policy.schedule, solver="ddim", steps=steps, t_start=0.5,
+                 constraints=constraints, noise_prior=False)
+    torch.testing.assert_close(policy.plan(obs, goal, noise, steps=steps), ref, rtol=1e-4, atol=1e-5)

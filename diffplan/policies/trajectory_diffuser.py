@@ -35,7 +35,25 @@ Guidance on the goal
     redundant; measured on pointmaze-umaze it is not: guiding toward it (``guidance_w`` > 1) makes
     plans that reach the goal sooner (k=2, 50 episodes: w=0 90.7, w=1 95.4, w=2 99.0, w=3 99.5).
     ``guidance_w = 1`` (the default) runs the conditional model alone, one network evaluation per
-    step; ``guidance_w != 1`` runs ``null + w (cond - null)`` as one batch of two.
+    step; ``guidance_w != 1`` runs ``null + w (cond - null)`` as one batch of two (at batch 1 on a
+    CPU that costs about 2.4 single passes).
+
+Guidance distillation
+    ``distill_from: <checkpoint>`` (Meng et al. 2023, "On Distillation of Guided Diffusion Models",
+    stage one at a fixed weight) gets the guided plan from one conditional pass: the refiner starts
+    as a copy of the checkpoint's refiner, which stays frozen as the teacher, and is trained on the
+    refiner's own inputs (windows noised to ``t <= train_t_max``, inpainted) so that its output at
+    the condition is the teacher's ``null + distill_w (cond - null)`` and its output at the null
+    condition is the teacher's null output. Plan with ``guidance_w: 1`` then. The teacher is not
+    part of the saved checkpoint; the drafter and inverse dynamics train alongside as usual
+    (``train_parts``), e.g. a new, cheaper drafter in the same run.
+
+Cost of a plan
+    The constraints are built once per plan, the noise level's ``alpha, sigma`` are cached floats
+    and the solver runs directly on its grid, so a ``k = 1`` plan costs a draft, one U-Net pass and
+    a few small tensor ops. A draft costs ``ceil((H-1)/draft_stride)`` one-token transformer passes,
+    mostly per-op overhead at batch 1 on a CPU: fewer tokens (a larger stride) and fewer blocks are
+    what make it cheap.
 """
 from __future__ import annotations
 
@@ -53,7 +71,7 @@ from diffplan.data import (
     SequenceWindows,
     discounted_returns,
 )
-from diffplan.diffusion import cfg_denoiser, diffusion_loss, make_denoiser, noise_to, sample
+from diffplan.diffusion import SOLVERS, cfg_denoiser, diffusion_loss, make_denoiser, noise_to
 from diffplan.nn import TemporalUNet
 from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerConfig
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
@@ -390,19 +408,31 @@ class TrajectoryDiffuser(PolicyBase):
             raise ValueError(f"noise must have shape (B, {self.plan_shape[0]}, {self.plan_shape[1]}), got {tuple(noise.shape)}")
         steps = cfg.refine_steps if steps is None else steps
         t_start = cfg.t_start if t_start is None else float(t_start)
+        if steps < 0 or not 0.0 < t_start <= 1.0:
+            raise ValueError(f"need steps >= 0 and 0 < t_start <= 1, got steps={steps}, t_start={t_start}")
         cond = self.condition(obs, goal)
-        constraints = self.constraints(obs, goal)
         x = self.draft(obs, cond) if warm is None else warm
-        x = constraints.apply(x)
+        mask, fill = self.constraints(obs, goal).dense(x)  # once per plan: (H, D) mask, (B, H, D) values
+        x = torch.where(mask, fill, x)
         if steps == 0:
             return x
-        t = torch.tensor(t_start, device=x.device, dtype=x.dtype)
+        alpha, sigma = self._noise_level(t_start)
         if t_start >= 1.0:  # a full chain: start from pure noise, as a cold Diffuser plan does
-            x = self.schedule.sigma(t) * noise
+            x = sigma * noise
         elif cfg.noise_draft or warm is not None:
-            x = self.schedule.alpha(t) * x + self.schedule.sigma(t) * noise
-        return sample(self.denoiser(cond), x, schedule=self.schedule, solver=cfg.solver, steps=steps,
-                      t_start=t_start, constraints=constraints, noise_prior=False)
+            x = torch.add(alpha * x, noise, alpha=sigma)
+        # the solver directly (what ``sample(..., noise_prior=False)`` runs), on its uniform grid
+        ts = tuple(t_start + (0.0 - t_start) * i / steps for i in range(steps + 1))
+        return SOLVERS[cfg.solver](self.denoiser(cond), torch.where(mask, fill, x), ts, self.schedule,
+                                   constrain=lambda y: torch.where(mask, fill, y))
+
+    def _noise_level(self, t: float) -> tuple[float, float]:
+        """``(alpha(t), sigma(t))`` as Python floats, computed once per noise level."""
+        levels = self.__dict__.setdefault("_levels", {})
+        if t not in levels:
+            tt = torch.tensor([t], dtype=torch.float64)
+            levels[t] = (self.schedule.alpha(tt).item(), self.schedule.sigma(tt).item())
+        return levels[t]
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
         """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""
