@@ -4,7 +4,9 @@ For each policy: the normalized score over ``--episodes`` evaluation episodes (s
 ``act`` decisions per second at batch 1 and over a 64-env vector env (time inside ``act`` only,
 the envs really stepping), and network evaluations per decision (forward calls of ``policy.net``,
 counted by hooks; for the anchored policy one call is one pass of the whole 2-stage cascade).
-Prints a table and appends a dated section to ``benchmarks/RESULTS.md``.
+Prints a table and appends its rows (date, machine, commit) to the section "Anchored action diffusion
+vs Diffusion Policy vs BC" of ``benchmarks/RESULTS.md`` (``benchmarks/results.py``).
+``--anchored-queues 2,8`` also runs the anchored checkpoint with those action-queue lengths.
 
     python benchmarks/anchored_vs_diffusion_policy.py \
         --anchored checkpoints/pointmaze-umaze/anchored \
@@ -14,10 +16,8 @@ Prints a table and appends a dated section to ``benchmarks/RESULTS.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +26,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from results import append_rows, stamp
 
 
 def count_net_calls(policy):
@@ -77,28 +79,6 @@ def decisions_per_s(policy, task: str, num_envs: int, decisions: int, seed: int 
             "net_evals_per_decision": calls[0] / len(lat)}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    import os
-
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU"
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ck = ROOT / "checkpoints" / "pointmaze-umaze"
@@ -111,6 +91,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--decisions", type=int, default=2000, help="decisions timed per speed setting")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--anchored-queues", default="",
+                    help="comma-separated extra action-queue lengths (n_action_steps) to measure the anchored "
+                         "checkpoint with, e.g. 2,8 (its own setting is always measured)")
     ap.add_argument("--no-record", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--write-metrics", action="store_true",
                     help="also write each evaluation as metrics.json into its checkpoint folder")
@@ -120,16 +103,23 @@ def main(argv=None):
     from diffplan.eval import evaluate
     from diffplan.policies import load_policy
 
+    runs = [("anchored (2 steps)", args.anchored, None), ("DiffusionPolicy (DDIM 10)", args.diffusion_policy, None),
+            ("BC", args.bc, None)]
+    runs[1:1] = [("anchored (2 steps)", args.anchored, int(q)) for q in args.anchored_queues.split(",") if q.strip()]
     rows = []
-    for name, path in (("anchored (2 steps)", args.anchored), ("DiffusionPolicy (DDIM 10)", args.diffusion_policy),
-                       ("BC", args.bc)):
+    for name, path, queue in runs:
         if not Path(path).exists():
             print(f"skip {name}: no checkpoint at {path}")
             continue
         policy = load_policy(path, task=args.task)
+        if queue is not None:
+            if queue == policy.planner.config.n_action_steps:
+                continue
+            policy.planner.config.n_action_steps = queue
+            name = f"{name}, queue {queue}"
         report = evaluate(policy, args.task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed)
         print(report.summary(), flush=True)
-        if args.write_metrics:
+        if args.write_metrics and queue is None:
             folder = getattr(policy, "checkpoint_path", Path(path))
             (Path(folder) / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         b1 = decisions_per_s(policy, args.task, 1, args.decisions, args.seed)
@@ -148,32 +138,43 @@ def main(argv=None):
               f"({b64['decisions_per_s_median']:.0f} from medians), "
               f"{b1['net_evals_per_decision']:.3f} network evaluations/decision", flush=True)
 
-    head = ("| policy | normalized score | decisions/s, batch 1 (mean / from medians) | replan p50 ms, batch 1 "
-            "| decisions/s, 64 envs (mean / from medians) | net evals / decision | actions per plan |")
-    lines = [head, "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['policy']} | {r['score']:.1f} ± {r['stderr']:.1f} | {r['b1']:.0f} / {r['b1_med']:.0f} | "
-                     f"{r['b1_replan_ms']:.2f} | {r['b64']:.0f} / {r['b64_med']:.0f} | {r['evals']:.3f} | "
-                     f"{r['n_action_steps']} |")
     dp = next((r for r in rows if r["policy"].startswith("DiffusionPolicy")), None)
-    an = next((r for r in rows if r["policy"].startswith("anchored")), None)
+    an = next((r for r in rows if r["policy"] == "anchored (2 steps)"), None)
+    bc = next((r for r in rows if r["policy"] == "BC"), None)
+    header = ["date", "machine", "commit", "task", "policy", "episodes", "normalized score", "success",
+              "decisions/s, batch 1 (mean / from medians)", "replan p50 ms, batch 1",
+              "decisions/s, 64 envs (mean / from medians)", "x DiffusionPolicy decisions/s (batch 1 / 64 envs)",
+              "net evals / decision", "actions per plan"]
+    table = []
+    for r in rows:
+        ratio = (f"{r['b1'] / dp['b1']:.1f}x / {r['b64'] / dp['b64']:.1f}x" if dp else "—")
+        table.append([*stamp(), args.task, r["policy"], str(args.episodes), f"{r['score']:.1f} ± {r['stderr']:.1f}",
+                      f"{100 * r['success']:.0f}%", f"{r['b1']:.0f} / {r['b1_med']:.0f}", f"{r['b1_replan_ms']:.2f}",
+                      f"{r['b64']:.0f} / {r['b64_med']:.0f}", ratio, f"{r['evals']:.3f}", str(r["n_action_steps"])])
     notes = []
     if dp and an:
         notes.append(f"anchored / DiffusionPolicy decisions/s: {an['b1'] / dp['b1']:.1f}x at batch 1 "
                      f"({an['b1_med'] / dp['b1_med']:.1f}x from medians), {an['b64'] / dp['b64']:.1f}x at 64 envs "
                      f"({an['b64_med'] / dp['b64_med']:.1f}x from medians); score {an['score']:.1f} vs {dp['score']:.1f}.")
-    table = "\n".join(lines + ([""] + notes if notes else []))
-    print("\n" + table)
+    for other in (dp, bc):
+        if an and other:
+            diff, se = an["score"] - other["score"], float(np.hypot(an["stderr"], other["stderr"]))
+            verdict = "above" if diff > 2 * se else "below" if diff < -2 * se else "within 2 combined SE of"
+            notes.append(f"anchored vs {other['policy']}: {diff:+.1f} (combined SE {se:.1f}): {verdict} it.")
+    print("\n".join("| " + " | ".join(r) + " |" for r in table))
+    print("\n".join(notes))
     if not args.no_record:
-        section = (f"\n## Anchored action diffusion vs Diffusion Policy vs BC ({args.task})\n\n"
-                   f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n"
-                   f"- machine: {machine()}\n- git commit: {git_commit()}\n"
-                   f"- episodes: {args.episodes} per policy, seeds {args.seed}..{args.seed + args.episodes - 1}, "
-                   f"{args.num_envs} parallel envs; speed: time inside `act` only, envs stepping, "
-                   f"~{args.decisions} decisions at batch 1\n"
-                   + "".join(f"- {r['policy']}: `{r['path']}`\n" for r in rows) + "\n" + table + "\n")
-        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(section)
+        description = (
+            "`python benchmarks/anchored_vs_diffusion_policy.py`: anchored action diffusion, Diffusion Policy "
+            "(DDIM 10) and BC checkpoints in one run, on the same eval episodes (env seeds `seed..seed+episodes-1`, "
+            "25 parallel envs). Speed: time inside `act` only while the envs really step, ~2000 decisions at "
+            "batch 1 and 64 x 64 over a 64-env vector env, 1 torch thread; 'from medians' weights the median "
+            "latency of replanning and of queue calls by their frequency (robust to stalls of the shared VM). "
+            "'queue N' rows are the anchored checkpoint run with N actions per plan instead of its own.")
+        append_rows("Anchored action diffusion vs Diffusion Policy vs BC", description, header, table)
+    return rows
+
+
     return rows
 
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 
@@ -94,6 +94,7 @@ class AnchoredConfig:
     width: int = 64
     heads: int = 4
     stages: int = 2  # cascade depth
+    activation: str = "silu"  # "silu" | "mish" (Mish costs ~10x SiLU on CPU at batch 64 x K queries)
     steps: int = 2  # DDIM steps at inference
     schedule: str = "scaled_linear"  # DiffusionDrive's DDPM betas
     truncation: float | None = None  # t_trunc in (0, 1]; None: from the anchor spacing
@@ -104,7 +105,8 @@ class AnchoredConfig:
     l1_weight: float = 1.0
     cls_weight: float = 0.5
     temperature: float = 0.0  # 0: top logit; > 0: sample softmax(logits / temperature)
-    pad: bool = False  # also train on chunks running past an episode's end, zero-padded (rest at the goal)
+    pad: bool = False  # also train on chunks running past an episode's end, zero-padded
+    hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
     kmeans_samples: int = 200_000  # chunks used to fit the anchors
     kmeans_iters: int = 100
     seed: int = 0
@@ -113,6 +115,8 @@ class AnchoredConfig:
     def __post_init__(self):
         if self.classification not in ("ce", "focal"):
             raise ValueError(f"classification must be 'ce' or 'focal', got {self.classification!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {self.activation!r}")
         if self.schedule not in ("scaled_linear", "vp_cosine", "vp_linear"):
             raise ValueError(f"schedule {self.schedule!r} unknown; choose scaled_linear, vp_cosine or vp_linear")
         if self.truncation is not None and not 0.0 < self.truncation <= 1.0:
@@ -132,12 +136,16 @@ def _schedule(name: str):
 
 
 # ---------------------------------------------------------------------------------------------- networks
+ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish}
+
+
 class ObservationEncoder(nn.Module):
     """Observation tokens (B, T, W): the observation, the goal and both together (goal tasks)."""
 
-    def __init__(self, obs_dim: int, goal_dim: int, width: int):
+    def __init__(self, obs_dim: int, goal_dim: int, width: int, activation: str = "silu"):
         super().__init__()
-        mlp = lambda d: nn.Sequential(nn.Linear(d, width), nn.Mish(), nn.Linear(width, width))
+        act = ACTIVATIONS[activation]
+        mlp = lambda d: nn.Sequential(nn.Linear(d, width), act(), nn.Linear(width, width))
         self.obs = mlp(obs_dim)
         self.goal = mlp(goal_dim) if goal_dim else None
         self.joint = mlp(obs_dim + goal_dim) if goal_dim else None
@@ -156,17 +164,18 @@ class CascadeStage(nn.Module):
     chunk embedding -> cross-attention to the observation tokens -> FiLM by time -> FFN -> heads.
     """
 
-    def __init__(self, chunk_dim: int, width: int, heads: int):
+    def __init__(self, chunk_dim: int, width: int, heads: int, activation: str = "silu"):
         super().__init__()
         self.heads = heads
-        self.embed = nn.Sequential(nn.Linear(chunk_dim, width), nn.Mish(), nn.Linear(width, width))
+        act = ACTIVATIONS[activation]
+        self.embed = nn.Sequential(nn.Linear(chunk_dim, width), act(), nn.Linear(width, width))
         self.norm_q = nn.LayerNorm(width)
         self.q = nn.Linear(width, width)
         self.kv = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, width)
         self.film = nn.Linear(width, 2 * width)
         self.norm_f = nn.LayerNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), nn.Mish(), nn.Linear(2 * width, width))
+        self.ffn = nn.Sequential(nn.Linear(width, 2 * width), act(), nn.Linear(2 * width, width))
         self.reg = nn.Linear(width, chunk_dim)
         self.cls = nn.Linear(width, 1)
         nn.init.zeros_(self.reg.weight)  # start as the identity on the input chunk
@@ -178,10 +187,12 @@ class CascadeStage(nn.Module):
         k, v = self.kv(ctx).view(b, t, 2, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None, temb: torch.Tensor,
-                kv: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None, temb: torch.Tensor | None,
+                kv: tuple[torch.Tensor, torch.Tensor], film: tuple[torch.Tensor, torch.Tensor] | None = None,
+                logits: bool = True):
         """x: (B, K, H, D) input chunks, h: (B, K, W) previous stage's queries or None,
-        temb: (B, W), kv from ``keys_values`` -> x0 (B, K, H, D), logits (B, K), queries (B, K, W)."""
+        temb: (B, W), kv from ``keys_values`` -> x0 (B, K, H, D), logits (B, K) (None if not
+        ``logits``), queries (B, K, W). ``film``: ``film_of(temb)`` if already computed."""
         b, kq = x.shape[:2]
         q = self.embed(x.flatten(2))
         if h is not None:
@@ -190,10 +201,15 @@ class CascadeStage(nn.Module):
         w = q.shape[-1]
         qh = self.q(self.norm_q(q)).view(b, kq, self.heads, w // self.heads).transpose(1, 2)
         q = q + self.out(F.scaled_dot_product_attention(qh, k, v).transpose(1, 2).reshape(b, kq, w))
-        scale, shift = self.film(temb)[:, None].chunk(2, -1)
-        q = q + self.ffn(self.norm_f(q) * (1 + scale) + shift)
+        scale, shift = self.film_of(temb) if film is None else film
+        q = q + self.ffn(torch.addcmul(shift, self.norm_f(q), scale))
         x0 = x + self.reg(q).view_as(x)
-        return x0, self.cls(q).squeeze(-1), q
+        return x0, self.cls(q).squeeze(-1) if logits else None, q
+
+    def film_of(self, temb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FiLM (1 + scale, shift), each (B, 1, W), of time embeddings (B, W)."""
+        scale, shift = self.film(temb)[:, None].chunk(2, -1)
+        return 1 + scale, shift
 
 
 class CascadeDecoder(nn.Module):
@@ -201,11 +217,12 @@ class CascadeDecoder(nn.Module):
 
     One call is one network evaluation of every stage."""
 
-    def __init__(self, chunk: int, act_dim: int, width: int, heads: int, stages: int, t_scale: float = 1000.0):
+    def __init__(self, chunk: int, act_dim: int, width: int, heads: int, stages: int, t_scale: float = 1000.0,
+                 activation: str = "silu"):
         super().__init__()
         self.width, self.t_scale = width, t_scale
-        self.time = nn.Sequential(nn.Linear(width, width), nn.Mish(), nn.Linear(width, width))
-        self.stages = nn.ModuleList(CascadeStage(chunk * act_dim, width, heads) for _ in range(stages))
+        self.time = nn.Sequential(nn.Linear(width, width), ACTIVATIONS[activation](), nn.Linear(width, width))
+        self.stages = nn.ModuleList(CascadeStage(chunk * act_dim, width, heads, activation) for _ in range(stages))
         half = width // 2
         self.register_buffer("freqs", torch.exp(-math.log(10_000) * torch.arange(half) / half), persistent=False)
 
@@ -214,14 +231,22 @@ class CascadeDecoder(nn.Module):
         arg = (t * self.t_scale)[:, None] * self.freqs
         return self.time(torch.cat([arg.sin(), arg.cos()], -1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, kvs: list,
-                temb: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``temb``: ``time_embedding(t)`` if already computed (inference embeds its grid once)."""
-        temb = self.time_embedding(t) if temb is None else temb
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None, kvs: list, temb: torch.Tensor | None = None,
+                films: list | None = None, logits: str = "all") -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``temb``: ``time_embedding(t)`` if already computed; ``films``: each stage's
+        ``film_of(temb)`` if already computed (inference caches them per solver step).
+        ``logits``: which stages run their classification head, "all", "last" or "none" (the
+        others give None; inference reads only the last stage's, at the last step)."""
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        if films is None:
+            temb = self.time_embedding(t) if temb is None else temb
+            films = [None] * len(self.stages)
         out, h = [], None
-        for stage, kv in zip(self.stages, kvs):
-            x0, logits, h = stage(x, h, temb, kv)
-            out.append((x0, logits))
+        for s, (stage, kv, film) in enumerate(zip(self.stages, kvs, films)):
+            want = logits == "all" or (logits == "last" and s == len(self.stages) - 1)
+            x0, stage_logits, h = stage(x, h, temb, kv, film=film, logits=want)
+            out.append((x0, stage_logits))
             x = x0.detach()  # stage s+1 refines stage s's x0 (DETR-style, no gradient through it)
         return out
 
@@ -243,8 +268,8 @@ class AnchoredDiffusionPolicy(PolicyBase):
         self.add_obs_action_normalizers()
         self.register_buffer("anchors", torch.zeros(c.num_anchors, c.chunk, spec.act_dim))
         self.register_buffer("t_trunc", torch.tensor(float(c.truncation or 0.05)))
-        self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width)
-        self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages)
+        self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width, c.activation)
+        self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages, activation=c.activation)
         self._grid_cache: tuple | None = None
 
     # ------------------------------------------------------------------ training
@@ -292,14 +317,13 @@ class AnchoredDiffusionPolicy(PolicyBase):
         return 0.5 * (lo + hi)
 
     def _windows(self, dataset):
-        """Chunks of H_a actions that lie inside one episode, with the observation before them."""
-        from diffplan.data import SequenceWindows
-
-        return SequenceWindows(dataset, self.config.chunk, keys=("observations", "actions"), pad=self.config.pad,
-                               goal=bool(self.goal_dim) and dataset.goals is not None)
+        """Chunks of H_a actions that lie inside one episode (with its goal hold), with the
+        observation before them: the training windows, also those the anchors are fitted on."""
+        return self.action_chunk_windows(dataset, self.config.chunk, pad=self.config.pad, hold=self.config.hold)
 
     def batches(self, dataset, batch_size: int):
-        return self.action_chunk_batches(dataset, self.config.chunk, batch_size, pad=self.config.pad)
+        return self.action_chunk_batches(dataset, self.config.chunk, batch_size, pad=self.config.pad,
+                                         hold=self.config.hold)
 
     def context(self, obs: torch.Tensor, goal: torch.Tensor | None) -> list:
         """Raw observations (B, obs_dim), goals (B, goal_dim)|None -> per-stage keys/values."""
@@ -344,6 +368,25 @@ class AnchoredDiffusionPolicy(PolicyBase):
             self._grid_cache = (key, grid)
         return self._grid_cache[1]
 
+    def _films(self, grid, device) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Per solver step, per stage: the FiLM (scale, shift) of that step's time embedding.
+
+        They depend only on the grid and the weights, so inference computes them once and keeps
+        them until the grid changes or the weights change (parameter versions in the key)."""
+        params = [*self.net.time.parameters(), *(st.film.weight for st in self.net.stages),
+                  *(st.film.bias for st in self.net.stages)]
+        key = (tuple(g[0] for g in grid), str(device), tuple(p._version for p in params),
+               tuple(p.data_ptr() for p in params))
+        cached = self.__dict__.get("_film_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.inference_mode():
+            ts = torch.tensor([g[0] for g in grid[:-1]], device=device)
+            tembs = self.net.time_embedding(ts)  # (steps, W)
+            films = [[st.film_of(tembs[i:i + 1]) for st in self.net.stages] for i in range(len(ts))]
+        self.__dict__["_film_cache"] = (key, films)  # kept out of nn.Module's registries
+        return films
+
     def denoise_anchors(self, obs, goal, noise, steps: int | None = None, t_start: float | None = None):
         """obs (B, obs_dim), goal (B, goal_dim)|None, noise (B, H, D) or (B, K, H, D) ->
         normalized x0 chunks (B, K, H, D) and logits (B, K) of the last stage at the last step."""
@@ -355,13 +398,13 @@ class AnchoredDiffusionPolicy(PolicyBase):
         if noise.dim() == 3:  # one noise chunk per env, shared by its K queries (which never interact)
             noise = noise[:, None]
         _, a0, s0 = grid[0]
-        x = a0 * self.anchors + s0 * noise  # (B, K, H, D): the anchors noised to t_start
-        b = x.shape[0]
-        ts = torch.tensor([g[0] for g in grid[:-1]], device=x.device)
-        tembs = self.net.time_embedding(ts)  # (steps, W): one call for the whole grid
+        x = torch.add(self.anchors, noise, alpha=s0 / a0).mul_(a0)  # (B, K, H, D): anchors noised to t_start
+        films = self._films(grid, x.device)
+        last = len(grid) - 2
         for i, ((t, a, s), (_, a_next, s_next)) in enumerate(zip(grid[:-1], grid[1:])):
-            x0, logits = self.net(x, ts[i].expand(b), kvs, tembs[i].expand(b, -1))[-1]
-            x = a_next * x0 + s_next * (x - a * x0) / s  # DDIM, eta = 0
+            x0, logits = self.net(x, None, kvs, films=films[i], logits="last" if i == last else "none")[-1]
+            if i < last:  # DDIM, eta = 0 (the last step's x0 is the answer)
+                x = torch.add(x0.mul(a_next - s_next * a / s), x, alpha=s_next / s)
         return x0, logits
 
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):

@@ -13,13 +13,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 
 @dataclass
 class BCConfig:
     hidden: tuple[int, ...] = (256, 256)
+    hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=1))
 
     def __post_init__(self):
@@ -50,14 +51,13 @@ class BCPolicy(PolicyBase):
         return policy
 
     def batches(self, dataset, batch_size: int):
-        obs, acts, goals = dataset.observations, dataset.actions, dataset.goals
-        with_goal = goals is not None and self.spec.goal_dim > 0
+        """Single steps (observation, goal, action), from the same windows as the chunk policies
+        (chunks of 1, with the goal hold if configured)."""
+        chunks = self.action_chunk_batches(dataset, 1, batch_size, hold=self.config.hold)
 
         def sample_batch(step: int, rng: np.random.Generator) -> dict:
-            i = rng.integers(len(obs), size=batch_size)
-            out = {"obs": obs[i], "actions": acts[i]}
-            if with_goal:
-                out["goal"] = goals[i]
+            out = chunks(step, rng)
+            out["actions"] = out["actions"][:, 0]
             return out
 
         return sample_batch

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
+from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 
@@ -30,6 +30,7 @@ class DiffusionPolicyConfig:
     objective: str = "eps"
     solver: str = "ddim"
     steps: int = 10
+    hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=8))
 
     def __post_init__(self):
@@ -64,8 +65,8 @@ class DiffusionPolicy(PolicyBase):
         return policy
 
     def batches(self, dataset, batch_size: int):
-        """Chunks of ``horizon`` actions inside one episode, with the observation before them."""
-        return self.action_chunk_batches(dataset, self.config.horizon, batch_size)
+        """Chunks of ``horizon`` actions inside one episode (with its goal hold), with the observation before them."""
+        return self.action_chunk_batches(dataset, self.config.horizon, batch_size, hold=self.config.hold)
 
     def condition(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
         """Raw obs (B, obs_dim), goal (B, goal_dim)|None -> FiLM condition (B, obs_dim + goal_dim)."""
