@@ -186,8 +186,9 @@ def _record_datasets(rows: list[dict]) -> None:
         "`python benchmarks/locomotion_scores.py --datasets`: the locomotion datasets made here "
         "from the shipped SAC behavior snapshots (envs/locomotion.py recipes). Mean episode "
         "return and its D4RL-normalized score, the number D4RL reports for its own datasets "
-        "(D4RL medium: about 44 / 40 / 62 for hopper / halfcheetah / walker2d; medium-replay "
-        "15 / 27 / 15; medium-expert 65 / 64 / 82 -- these vary with the behavior policies). "
+        "(D4RL's medium datasets: about 44 / 40 / 62 for hopper / halfcheetah / walker2d; "
+        "medium-replay and medium-expert follow from the behavior snapshots, so they differ "
+        "from D4RL's). "
         "'generation' is the time to make it in this run, 'cache' when read from the Minari "
         "cache (see `diffplan data make`).",
         ["date", "machine", "commit", "dataset", "steps", "episodes", "terminals", "timeouts",
