@@ -19,6 +19,7 @@ Stages (each reuses the previous outputs under ``runs/``)::
     python benchmarks/ctrl.py --stage cfg      # train the CFG baseline (timed)
     python benchmarks/ctrl.py --stage ctrl     # classifier + CTRL finetuning (timed)
     python benchmarks/ctrl.py --stage eval     # measure everything, append to RESULTS.md
+    python benchmarks/ctrl.py --stage curve    # label accuracy of each saved CTRL step vs its compute
 """
 from __future__ import annotations
 
@@ -40,20 +41,22 @@ BASE_RUN, CFG_RUN, CTRL_RUN = ROOT / "runs/ctrl-umaze-base", ROOT / "runs/ctrl-u
 
 
 def _timed(name: str, fn):
-    t0 = time.perf_counter()
+    """Run ``fn``; returns (its result, wall s, process CPU s). Training is single-threaded, so the
+    process CPU time is the compute used, unaffected by other jobs sharing the machine."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = fn()
-    wall = time.perf_counter() - t0
-    print(f"{name}: {wall:.0f} s")
-    return out, wall
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"{name}: {wall:.0f} s wall, {cpu:.0f} s CPU")
+    return out, wall, cpu
 
 
 def stage_base():
     from diffplan.policies.training import read_config, train_policy
 
     cfg = read_config(ROOT / "configs/ctrl/pointmaze-umaze-base.yaml")
-    policy, wall = _timed("pretrain", lambda: train_policy(cfg, BASE_RUN, progress=False))
+    policy, wall, cpu = _timed("pretrain", lambda: train_policy(cfg, BASE_RUN, progress=False))
     policy.save(BASE_RUN / "final")
-    (BASE_RUN / "pretrain_time.json").write_text(json.dumps({"wall_s": wall}))
+    (BASE_RUN / "pretrain_time.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu}))
 
 
 class CFGDiffuser(nn.Module):
@@ -102,11 +105,17 @@ def stage_cfg(steps: int):
 
     cfg = TrainConfig(steps=steps, batch_size=32, lr=5e-4, warmup_steps=100, min_lr_ratio=0.1, progress=False,
                       log_every=100, ckpt_every=10 * steps)
-    _, wall = _timed("cfg train", lambda: Trainer(model, batches, cfg, CFG_RUN / "train").fit())
+    _, wall, cpu = _timed("cfg train", lambda: Trainer(model, batches, cfg, CFG_RUN / "train").fit())
     from safetensors.torch import save_file
 
     save_file(model.net.state_dict(), str(CFG_RUN / "net.safetensors"))
-    (CFG_RUN / "train_time.json").write_text(json.dumps({"wall_s": wall, "steps": steps}))
+    (CFG_RUN / "train_time.json").write_text(json.dumps({"wall_s": wall, "cpu_s": cpu, "steps": steps}))
+
+
+def policy_steps(run: Path) -> int:
+    from diffplan.train import latest_checkpoint
+
+    return int(latest_checkpoint(run).name.split("-")[1])
 
 
 def stage_ctrl(steps: int | None, resume: bool):
@@ -114,12 +123,14 @@ def stage_ctrl(steps: int | None, resume: bool):
 
     cfg = read_config(ROOT / "configs/ctrl/pointmaze-umaze.yaml")
     cfg["policy"]["base_checkpoint"] = str(BASE_RUN / "final")
-    policy, wall = _timed("ctrl (classifier + finetune)",
+    policy, wall, cpu = _timed("ctrl (classifier + finetune)",
                           lambda: train_policy(cfg, CTRL_RUN, steps=steps, resume=resume, progress=False))
     policy.save(CTRL_RUN / "final")
-    if resume:  # a continued run: add the earlier wall time
-        wall += json.loads((CTRL_RUN / "ctrl_time.json").read_text())["wall_s"]
-    rep = {"wall_s": wall, **getattr(policy, "classifier_report", {})}
+    if resume:  # a continued run: add the earlier time
+        before = json.loads((CTRL_RUN / "ctrl_time.json").read_text())
+        wall, cpu = wall + before["wall_s"], cpu + before["cpu_s"]
+    rep = {"wall_s": wall, "cpu_s": cpu, "steps": policy_steps(CTRL_RUN),
+           "classifier": getattr(policy, "classifier_report", None)}
     (CTRL_RUN / "ctrl_time.json").write_text(json.dumps(rep))
     print(rep)
 
@@ -164,7 +175,8 @@ def _with_sampler(ctrl, sampler: str):
 
 
 def label_accuracy(planner, starts: torch.Tensor, labels: list[int], reps: int) -> dict[int, float]:
-    """Fraction of plans whose true end cell is the requested one, per requested label."""
+    """Every label requested from every start: fraction of plans whose true end cell is the requested
+    one, per requested label. Includes cells a plan cannot reach within its horizon from that start."""
     out = {}
     obs = starts.repeat_interleave(reps, 0)
     for y in labels:
@@ -177,6 +189,17 @@ def label_accuracy(planner, starts: torch.Tensor, labels: list[int], reps: int) 
     return out
 
 
+def pair_accuracy(planner, starts: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[int, float]]:
+    """Requested labels drawn as the data draws them: ``(start, label)`` of the same offline window,
+    so every request is reachable within the horizon. Returns (overall, per label) accuracy."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plans = planner.plan(starts, None, torch.randn(starts.shape[0], *planner.plan_shape), labels=labels)
+    hit = planner.labels_of(planner.plan_states(plans).numpy()) == labels.numpy()
+    per = {int(y): float(hit[labels.numpy() == y].mean()) for y in labels.unique()}
+    return float(hit.mean()), per
+
+
 def stage_eval(episodes: int, cfg_w: float, n_starts: int):
     from results import append_rows, stamp
 
@@ -187,10 +210,18 @@ def stage_eval(episodes: int, cfg_w: float, n_starts: int):
     ctrl = load_policy(CTRL_RUN / "final")
     data = load(TASK)
     rng = np.random.default_rng(123)
-    starts = torch.as_tensor(ctrl._windows(data).sample(n_starts, rng)["observations"][:, 0])
+    windows = ctrl._windows(data).sample(4 * n_starts, rng)["observations"]
+    starts = torch.as_tensor(windows[:n_starts, 0])
+    pair_labels = torch.as_tensor(ctrl.labels_of(windows))
+    keep = pair_labels >= 0
+    pair_starts, pair_labels = torch.as_tensor(windows[:, 0])[keep], pair_labels[keep]
     names = ctrl.config.label_names
     requested = list(range(len(names)))
-    pre_s = json.loads((BASE_RUN / "pretrain_time.json").read_text())["wall_s"]
+
+    def cpu(rep):  # compute as single-thread process CPU seconds (older runs recorded wall time only)
+        return rep.get("cpu_s", rep["wall_s"])
+
+    pre = json.loads((BASE_RUN / "pretrain_time.json").read_text())
     cfg_t = json.loads((CFG_RUN / "train_time.json").read_text()) if (CFG_RUN / "train_time.json").is_file() else None
     ctrl_rep = json.loads((CTRL_RUN / "ctrl_time.json").read_text())
     methods = {"pretrained": _with_sampler(ctrl, "pretrained"),
@@ -198,36 +229,69 @@ def stage_eval(episodes: int, cfg_w: float, n_starts: int):
                "ctrl": ctrl}
     if cfg_t is not None:
         methods[f"cfg (w={cfg_w:g})"] = _cfg_planner(ctrl, cfg_w)
-    cost = {"pretrained": f"{pre_s:.0f} s pretrain", "classifier_guidance": "classifier only",
-            f"cfg (w={cfg_w:g})": "" if cfg_t is None else f"{cfg_t['wall_s']:.0f} s, {cfg_t['steps']} steps from scratch",
-            "ctrl": f"{ctrl_rep['wall_s']:.0f} s ({100 * ctrl_rep['wall_s'] / pre_s:.0f}% of pretrain)"}
+    cost = {"pretrained": f"{cpu(pre):.0f} CPU s pretrain", "classifier_guidance": "classifier only",
+            f"cfg (w={cfg_w:g})": "" if cfg_t is None else
+            f"{cpu(cfg_t):.0f} CPU s, {cfg_t['steps']} steps from scratch",
+            "ctrl": f"{cpu(ctrl_rep):.0f} CPU s ({100 * cpu(ctrl_rep) / cpu(pre):.0f}% of pretrain)"}
     rows = []
     for name, planner in methods.items():
         planner.eval()
+        pair_acc, pair_per = pair_accuracy(planner, pair_starts, pair_labels)
         acc = label_accuracy(planner, starts, requested, reps=1)
-        kl = ctrl.path_kl(starts.repeat(len(requested), 1),
-                          torch.arange(len(requested)).repeat_interleave(len(starts))) if name == "ctrl" else None
+        kl = ctrl.path_kl(pair_starts, pair_labels) if name == "ctrl" else None
         torch.manual_seed(0)
         rep = evaluate(planner, TASK, episodes=episodes, num_envs=10, seed=0, record=0)
         acc_mean = float(np.mean(list(acc.values())))
-        print(f"{name:22s} acc {acc_mean:.3f} {acc}  score {rep.normalized_mean:.1f} +- {rep.normalized_stderr:.1f} "
-              f"success {rep.success_rate}  kl {kl}")
-        rows.append([*stamp(), TASK, name, f"{acc_mean:.2f}",
-                     " ".join(f"{names[y]}:{a:.2f}" for y, a in acc.items()),
+        print(f"{name:22s} data-pair acc {pair_acc:.3f}  every-label acc {acc_mean:.3f}  score "
+              f"{rep.normalized_mean:.1f} +- {rep.normalized_stderr:.1f}  success {rep.success_rate}  kl {kl}")
+        rows.append([*stamp(), TASK, name, f"{pair_acc:.2f} ({len(pair_labels)})",
+                     " ".join(f"{names[y]}:{a:.2f}" for y, a in pair_per.items()), f"{acc_mean:.2f}",
                      f"{rep.normalized_mean:.1f} +- {rep.normalized_stderr:.1f}", str(episodes),
                      "-" if kl is None else f"{kl:.1f}", cost[name]])
     append_rows("ctrl", "CTRL label conditioning on a goal-agnostic Diffuser (benchmarks/ctrl.py). Label = the free "
                 "cell a plan ends in; accuracy over requested labels from data start states (one plan per start and "
                 "label); score = normalized return acting with target='goal' (PD tracking, replan every 16 steps); "
                 "KL = Monte-Carlo path KL(p_theta(.|y) || p_pre) per plan in nats; CPU, 1 thread, shared machine.",
-                ["date", "machine", "commit", "task", "method", "label acc", "per label", "score", "episodes",
-                 "KL", "training cost"], rows)
+                ["date", "machine", "commit", "task", "method", "label acc, data pairs (n)", "per label (data pairs)",
+                 "label acc, every label from every start", "score", "episodes", "KL", "training cost"], rows)
+
+
+def stage_curve(n_starts: int):
+    """Label accuracy (data pairs) of every saved CTRL checkpoint against its finetuning compute."""
+    from results import append_rows, stamp
+
+    from diffplan.data import load
+    from diffplan.policies import load_policy
+
+    pre = json.loads((BASE_RUN / "pretrain_time.json").read_text())["cpu_s"]
+    rep = json.loads((CTRL_RUN / "ctrl_time.json").read_text())
+    clf_s = (rep.get("classifier") or {}).get("cpu_s", 0.0)
+    per_step = (rep["cpu_s"] - clf_s) / rep["steps"]
+    data = load(TASK)
+    rows = []
+    for ckpt in sorted((CTRL_RUN / "checkpoints").glob("step-*")):
+        step = int(ckpt.name.split("-")[1])
+        ctrl = load_policy(ckpt)
+        ctrl.eval()
+        windows = ctrl._windows(data).sample(4 * n_starts, np.random.default_rng(123))["observations"]
+        labels = torch.as_tensor(ctrl.labels_of(windows))
+        keep = labels >= 0
+        acc, _ = pair_accuracy(ctrl, torch.as_tensor(windows[:, 0])[keep], labels[keep])
+        cost = clf_s + step * per_step
+        print(f"step {step:5d}  data-pair acc {acc:.3f}  cost {cost:.0f} CPU s ({100 * cost / pre:.1f}% of pretrain)")
+        rows.append([*stamp(), TASK, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
+    append_rows("ctrl: label accuracy vs finetuning compute",
+                "`python benchmarks/ctrl.py --stage curve`: every saved CTRL checkpoint of one run; accuracy on "
+                "(start, label) pairs of offline windows; cost = classifier fit + finetuning steps so far, in "
+                "single-thread process CPU seconds, against the base's pretraining CPU seconds.",
+                ["date", "machine", "commit", "task", "finetune step", "label acc, data pairs", "cost CPU s",
+                 "% of pretrain"], rows)
 
 
 def main():
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--stage", choices=["base", "cfg", "ctrl", "eval"], required=True)
+    ap.add_argument("--stage", choices=["base", "cfg", "ctrl", "eval", "curve"], required=True)
     ap.add_argument("--cfg-steps", type=int, default=300)
     ap.add_argument("--ctrl-steps", type=int, default=None, help="override the config's train.steps")
     ap.add_argument("--resume", action="store_true", help="continue the CTRL run to --ctrl-steps")
@@ -241,6 +305,8 @@ def main():
         stage_cfg(args.cfg_steps)
     elif args.stage == "ctrl":
         stage_ctrl(args.ctrl_steps, args.resume)
+    elif args.stage == "curve":
+        stage_curve(args.starts)
     else:
         stage_eval(args.episodes, args.cfg_w, args.starts)
 

@@ -40,6 +40,7 @@ load breaks as soon as that folder moves); ``base_checkpoint`` records where the
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,12 +166,13 @@ def fit_classifier(classifier: LabelClassifier, x: torch.Tensor, y: torch.Tensor
 
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(100, steps // 10),
                       ema_decay=0.0, progress=False, log_every=max(1, steps), weight_decay=1e-4)
+    cpu0 = time.process_time()
     Trainer(classifier, batches, cfg).fit()
     before, after = classifier.calibrate(x[val], y[val])
     with torch.no_grad():
         acc = float((classifier.logits(x[val]).argmax(-1) == y[val]).float().mean())
     return {"val_nll_raw": before, "val_nll_calibrated": after, "val_acc": acc,
-            "temperature": float(classifier.log_temperature.exp())}
+            "temperature": float(classifier.log_temperature.exp()), "cpu_s": time.process_time() - cpu0}
 
 
 # ---------------------------------------------------------------------------------------------
