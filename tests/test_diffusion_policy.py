@@ -72,3 +72,19 @@ def test_load_policy_round_trip_gives_identical_actions(tmp_path):
     loaded.reset(seed=3)
     for _ in range(5):
         assert np.array_equal(policy.act(obs), loaded.act(obs))
+
+
+def test_x0_clipping_keeps_sampled_chunks_inside_the_action_space():
+    """At t = 1 the cosine schedule has alpha ~ 5e-5: without Chi et al.'s clip_sample, an
+    untrained network's epsilon error becomes x0 estimates of hundreds."""
+    spec = SpaceSpec(obs_dim=3, act_dim=2, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    torch.manual_seed(0)
+    clipped = DiffusionPolicy(DiffusionPolicyConfig(horizon=8, dim=8, dim_mults=(1, 2)), spec).eval()
+    raw = DiffusionPolicy(DiffusionPolicyConfig(horizon=8, dim=8, dim_mults=(1, 2), clip_x0=False), spec).eval()
+    raw.load_state_dict(clipped.state_dict())
+    obs, noise = torch.randn(16, 3), torch.randn(16, 8, 2)
+    with torch.inference_mode():
+        a = clipped.plan(obs, None, noise)
+        b = raw.plan(obs, None, noise)
+    assert a.abs().max() <= 1.0 + 1e-5
+    assert b.abs().max() > 10.0

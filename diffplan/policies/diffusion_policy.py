@@ -8,7 +8,10 @@ What it trains
 
 How it acts
     A chunk is sampled from full noise with DDIM in 10 steps (Chi et al. use 8 to 10 for speed),
-    and the runtime executes the first 8 actions before replanning. One observation step only:
+    and the runtime executes the first 8 actions before replanning. As in Chi et al.
+    (``clip_sample``), every step's x0 estimate is clipped to the action space (in normalized
+    units): at t = 1 the cosine schedule has alpha = 4.5e-5, so ``x0 = (x - sigma eps) / alpha``
+    turns a small epsilon error into an action of hundreds, which DDIM then carries along. One observation step only:
     the maze state already holds the velocity, so a history adds nothing there.
 """
 from __future__ import annotations
@@ -30,6 +33,7 @@ class DiffusionPolicyConfig:
     objective: str = "eps"
     solver: str = "ddim"
     steps: int = 10
+    clip_x0: bool = True  # clip each step's x0 estimate to the action space (Chi et al.'s clip_sample)
     hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=8))
 
@@ -90,6 +94,11 @@ class DiffusionPolicy(PolicyBase):
         a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
         x_init = noise * s if warm is None else a * self.action_normalizer.normalize(warm) + s * noise
         denoise = make_denoiser(self.inference_net(), self.schedule, self.config.objective, cond=self.condition(obs, goal))
+        if self.config.clip_x0:
+            lo = self.action_normalizer.normalize(self._action_low)
+            hi = self.action_normalizer.normalize(self._action_high)
+            unclipped = denoise
+            denoise = lambda x, t: torch.maximum(torch.minimum(unclipped(x, t), hi), lo)  # noqa: E731
         x0 = sample(denoise, x_init, schedule=self.schedule, solver=self.config.solver, steps=steps,
                     t_start=t_start, noise_prior=False)
         return self.action_normalizer.unnormalize(x0)
