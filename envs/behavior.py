@@ -308,7 +308,8 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
           learning_starts: int | None = None) -> None:
-    """Train SB3 SAC on ``env_id`` for ``steps`` env steps in total, snapshotting the actor."""
+    """Train SB3 SAC on ``env_id`` for ``steps`` env steps, snapshotting the actor. With ``resume``
+    the steps are added to those already trained (SB3 keeps counting from the saved step)."""
     try:
         import gymnasium as gym
         from stable_baselines3 import SAC
