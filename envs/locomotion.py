@@ -31,6 +31,8 @@ random-policy return measured in the v5 env is kept beside them (``random_return
 from __future__ import annotations
 
 import os
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -57,6 +59,46 @@ PINNED = {
 DEFAULT_SEED = 0
 DEFAULT_NUM_ENVS = 16
 KINDS = ("medium", "medium-replay", "medium-expert")
+
+
+# MuJoCo >= 3.3 warns on every load of Gymnasium's half_cheetah.xml (its `settotalmass`
+# compiler attribute is deprecated, the model is unchanged); one line per env is noise in
+# progress output, so that one message is dropped while envs are made here.
+_QUIET_MUJOCO = ("compiler attribute 'settotalmass' is deprecated",)
+
+
+@contextmanager
+def quiet_mujoco_compiler():
+    """Drop MuJoCo's known-harmless model-compiler warnings (``_QUIET_MUJOCO``) inside the block;
+    any other MuJoCo warning still goes to the previous handler (or stderr, MuJoCo's default)."""
+    try:
+        import mujoco
+    except ImportError:  # pragma: no cover - mujoco is a dependency of the envs
+        yield
+        return
+    prev = mujoco.get_mju_user_warning()
+
+    def handler(msg: str) -> None:
+        if any(q in msg for q in _QUIET_MUJOCO):
+            return
+        if prev is not None:
+            prev(msg)
+        else:
+            print(f"WARNING: {msg}", file=sys.stderr)
+
+    mujoco.set_mju_user_warning(handler)
+    try:
+        yield
+    finally:
+        mujoco.set_mju_user_warning(prev)
+
+
+def make_env(env_id: str, **kwargs):
+    """``gym.make(env_id, **kwargs)`` without MuJoCo's known-harmless compiler warnings."""
+    import gymnasium as gym
+
+    with quiet_mujoco_compiler():
+        return gym.make(env_id, **kwargs)
 
 
 def behavior_dir() -> Path:
@@ -153,9 +195,7 @@ def rollout(env_id: str, actor: TanhGaussianActor | None, steps: int, seed: int,
     Episodes still running when the budget is met are dropped. Reset seeds and action noise come
     from ``seed`` only, so the result is a function of (weights, seed, num_envs).
     """
-    import gymnasium as gym
-
-    envs = [gym.make(env_id, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
+    envs = [make_env(env_id, max_episode_steps=max_episode_steps, **(env_kwargs or {}))
             for _ in range(num_envs)]
     space = envs[0].action_space
     low, high = space.low.astype(np.float32), space.high.astype(np.float32)
@@ -216,9 +256,7 @@ def rollout(env_id: str, actor: TanhGaussianActor | None, steps: int, seed: int,
 
 def measure_random_return(env_id: str, episodes: int = 100) -> tuple[float, float]:
     """Mean and standard error of the uniform-random return (protocol of RANDOM_RETURN_V5)."""
-    import gymnasium as gym
-
-    env = gym.make(env_id, max_episode_steps=EPISODE_STEPS)
+    env = make_env(env_id, max_episode_steps=EPISODE_STEPS)
     rets = []
     for i in range(episodes):
         env.reset(seed=i)
@@ -410,9 +448,7 @@ def _build_dataset(card, steps: int, seed: int, progress: bool):
 
 
 def _build_env(card, render_mode=None):
-    import gymnasium as gym
-
-    return gym.make(card.env_id, max_episode_steps=card.episode_steps, render_mode=render_mode,
+    return make_env(card.env_id, max_episode_steps=card.episode_steps, render_mode=render_mode,
                     **dict(card.eval_kwargs))
 
 

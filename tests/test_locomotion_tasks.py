@@ -60,3 +60,25 @@ def test_evaluate_behavior_expert_on_card():
     report = evaluate(card.make_expert(), card, episodes=3, num_envs=3)
     assert report.episodes == 3 and all(1 <= n <= 1000 for n in report.lengths)
     assert np.isfinite(report.normalized_mean)
+
+
+
+def test_halfcheetah_envs_are_made_without_mujocos_settotalmass_warning(capfd):
+    import mujoco
+
+    get_task("halfcheetah-medium").make_env().close()
+    L.make_env("HalfCheetah-v5").close()
+    assert "settotalmass" not in capfd.readouterr().err
+    seen = []
+    mujoco.set_mju_user_warning(seen.append)
+    try:
+        with L.quiet_mujoco_compiler():
+            handler = mujoco.get_mju_user_warning()
+            handler("compiler attribute 'settotalmass' is deprecated and will be removed")
+            handler("some other warning")
+        assert seen == ["some other warning"]  # only the known one is dropped
+        assert mujoco.get_mju_user_warning() is not None and seen == ["some other warning"]
+        mujoco.get_mju_user_warning()("after")  # the previous handler is back
+        assert seen[-1] == "after"
+    finally:
+        mujoco.set_mju_user_warning(None)
