@@ -134,7 +134,8 @@ def _training_facts(folder: Path) -> dict:
     return out
 
 
-def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int) -> list[dict]:
+def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int,
+                write_metrics: bool = False) -> list[dict]:
     import torch
 
     from diffplan.eval import evaluate
@@ -148,6 +149,8 @@ def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int) ->
         report = evaluate(policy, task, episodes=episodes, num_envs=num_envs, seed=seed,
                           progress=True)
         print(report.summary(), flush=True)
+        if write_metrics:  # what `diffplan eval` writes beside the weights
+            (folder / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         row = {"task": task, "policy": policy.kind, "checkpoint": str(folder.relative_to(ROOT)),
                "episodes": report.episodes, "score": report.normalized_mean,
                "score_se": report.normalized_stderr, "return_mean": report.return_mean,
@@ -231,6 +234,8 @@ def main(argv=None) -> None:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--eval-envs", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write-metrics", action="store_true",
+                   help="also write each evaluation to its checkpoint's metrics.json")
     p.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
     p.add_argument("--out", default="outputs/benchmarks/locomotion_scores.json")
     a = p.parse_args(argv)
@@ -250,7 +255,7 @@ def main(argv=None) -> None:
     if a.policies:
         kinds = set(filter(None, a.policy_kinds.split(","))) or None
         folders = shipped_checkpoints(a.families, kinds)
-        rows = policy_rows(folders, a.episodes, a.eval_envs, a.seed)
+        rows = policy_rows(folders, a.episodes, a.eval_envs, a.seed, a.write_metrics)
         result["policies"] = rows
         print()
         print(_md(rows, ["task", "policy", "episodes", "score", "score_se", "bc_score", "vs_bc",
