@@ -256,6 +256,12 @@ def stage_eval(episodes: int, cfg_w: float, n_starts: int):
                  "label acc, every label from every start", "score", "episodes", "KL", "training cost"], rows)
 
 
+def _train_section(ckpt: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((ckpt / "config.yaml").read_text())["train"]
+
+
 def stage_curve(n_starts: int):
     """Label accuracy (data pairs) of every saved CTRL checkpoint against its finetuning compute."""
     from results import append_rows, stamp
@@ -279,13 +285,16 @@ def stage_curve(n_starts: int):
         acc, _ = pair_accuracy(ctrl, torch.as_tensor(windows[:, 0])[keep], labels[keep])
         cost = clf_s + step * per_step
         print(f"step {step:5d}  data-pair acc {acc:.3f}  cost {cost:.0f} CPU s ({100 * cost / pre:.1f}% of pretrain)")
-        rows.append([*stamp(), TASK, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
+        t = _train_section(ckpt)
+        recipe = (f"lr {t['lr']:g} {t['lr_schedule']}, EMA {t['ema_decay']:g}, batch {t['batch_size']}, "
+                  f"{t['steps']} steps")
+        rows.append([*stamp(), TASK, recipe, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
     append_rows("ctrl: label accuracy vs finetuning compute",
                 "`python benchmarks/ctrl.py --stage curve`: every saved CTRL checkpoint of one run; accuracy on "
                 "(start, label) pairs of offline windows; cost = classifier fit + finetuning steps so far, in "
                 "single-thread process CPU seconds, against the base's pretraining CPU seconds.",
-                ["date", "machine", "commit", "task", "finetune step", "label acc, data pairs", "cost CPU s",
-                 "% of pretrain"], rows)
+                ["date", "machine", "commit", "task", "recipe", "finetune step", "label acc, data pairs",
+                 "cost CPU s", "% of pretrain"], rows)
 
 
 def main():
