@@ -176,7 +176,8 @@ def _with_sampler(ctrl, sampler: str):
 
 def label_accuracy(planner, starts: torch.Tensor, labels: list[int], reps: int) -> dict[int, float]:
     """Every label requested from every start: fraction of plans whose true end cell is the requested
-    one, per requested label. Includes cells a plan cannot reach within its horizon from that start."""
+    one, per requested label. Includes cells far from that start, which offline windows of the
+    horizon's length rarely connect (CTRL with ``label_sampling: data`` never practices them)."""
     out = {}
     obs = starts.repeat_interleave(reps, 0)
     for y in labels:
