@@ -17,6 +17,7 @@ How it acts
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -268,6 +269,15 @@ def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch
 
 
 def _more_noise(noise: torch.Tensor, n: int) -> torch.Tensor:
-    """Expand per-env noise (B, H, D) to n candidates per env, the first equal to the given noise."""
-    extra = torch.randn((noise.shape[0], n - 1) + noise.shape[1:], device=noise.device, dtype=noise.dtype)
+    """Expand per-env noise (B, H, D) to n candidates per env, the first equal to the given noise.
+
+    The other n-1 come from a generator seeded by the env's own noise, so they are as
+    reproducible as the planner's per-env noise (``reset(seed=...)``) and do not depend on the
+    global torch RNG or on the other envs of the batch."""
+    extra = []
+    for row in noise.detach().float().cpu():
+        digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
+        extra.append(torch.randn((n - 1,) + tuple(row.shape), generator=g))
+    extra = torch.stack(extra).to(device=noise.device, dtype=noise.dtype)
     return torch.cat([noise[:, None], extra], 1).flatten(0, 1)
