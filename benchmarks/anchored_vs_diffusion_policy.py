@@ -4,8 +4,8 @@ For each policy: the normalized score over ``--episodes`` evaluation episodes (s
 ``act`` decisions per second at batch 1 and over a 64-env vector env (time inside ``act`` only,
 the envs really stepping), and network evaluations per decision (forward calls of ``policy.net``,
 counted by hooks; for the anchored policy one call is one pass of the whole 2-stage cascade).
-Prints a table and appends its rows (date, machine, commit) to the section "Anchored action diffusion
-vs Diffusion Policy vs BC" of ``benchmarks/RESULTS.md`` (``benchmarks/results.py``).
+Prints a table and appends its rows (date, machine, commit) to the section
+"anchored_vs_diffusion_policy" of ``benchmarks/RESULTS.md`` (``benchmarks/results.py``).
 ``--anchored-queues 2,8`` also runs the anchored checkpoint with those action-queue lengths.
 
     python benchmarks/anchored_vs_diffusion_policy.py \
@@ -184,7 +184,7 @@ def main(argv=None):
             "'per CPU-second' divides by the thread CPU time spent inside `act` (what a decision costs, without "
             "the time other processes held the core). "
             "'queue N' rows are the anchored checkpoint run with N actions per plan instead of its own.")
-        append_rows("Anchored action diffusion vs Diffusion Policy vs BC", description, header, table)
+        append_rows("anchored_vs_diffusion_policy", description, header, table)
     return rows
 
 
