@@ -71,7 +71,13 @@ from diffplan.data import (
     SequenceWindows,
     discounted_returns,
 )
-from diffplan.diffusion import SOLVERS, cfg_denoiser, diffusion_loss, make_denoiser, noise_to
+from diffplan.diffusion import (
+    SOLVERS,
+    cfg_denoiser,
+    diffusion_loss,
+    make_denoiser,
+    noise_to,
+)
 from diffplan.nn import TemporalUNet
 from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerConfig
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
