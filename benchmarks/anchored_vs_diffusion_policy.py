@@ -155,7 +155,10 @@ def main(argv=None):
               "net evals / decision", "actions per plan"]
     table = []
     for r in rows:
-        ratio = lambda k1, k64: f"{r[k1] / dp[k1]:.1f}x / {r[k64] / dp[k64]:.1f}x" if dp else "—"  # noqa: E731
+
+        def ratio(k1, k64, r=r):
+            return f"{r[k1] / dp[k1]:.1f}x / {r[k64] / dp[k64]:.1f}x" if dp else "—"
+
         table.append([*stamp(), args.task, r["policy"], str(args.episodes), f"{r['score']:.1f} ± {r['stderr']:.1f}",
                       f"{100 * r['success']:.0f}%", f"{r['b1']:.0f} / {r['b1_med']:.0f}", f"{r['b1_replan_ms']:.2f}",
                       f"{r['b64']:.0f} / {r['b64_med']:.0f}", f"{r['b1_cpu']:.0f} / {r['b64_cpu']:.0f}",

@@ -1,5 +1,7 @@
 """The anchored policy's fast inference path (cached FiLM of the solver grid, classification heads
 only where read) gives what the plain cascade evaluation gives, and follows weight changes."""
+import itertools
+
 import numpy as np
 import torch
 
@@ -31,7 +33,7 @@ def reference(p, obs, goal, noise, steps):
     kvs = p.context(obs, goal)
     x = grid[0][1] * p.anchors + grid[0][2] * noise[:, None]
     b = x.shape[0]
-    for (t, a, s), (_, a_next, s_next) in zip(grid[:-1], grid[1:]):
+    for (t, a, s), (_, a_next, s_next) in itertools.pairwise(grid):
         tt = torch.full((b,), t)
         x0, logits = p.net(x, tt, kvs)[-1]
         x = a_next * x0 + s_next * (x - a * x0) / s
