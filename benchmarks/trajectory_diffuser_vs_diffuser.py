@@ -57,7 +57,6 @@ def variant(policy, overrides: dict):
     """A copy of ``policy`` sharing its weights, with config fields overridden."""
     v = copy.copy(policy)
     v.config = dataclasses.replace(policy.config, **overrides)
-    v.default_steps = v.config.refine_steps
     from diffplan.runtime.planner import Planner
 
     v.planner = Planner(v, copy.deepcopy(policy.planner.config))

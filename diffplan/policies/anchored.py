@@ -263,7 +263,6 @@ class AnchoredDiffusionPolicy(PolicyBase):
         c = config
         self.act_dim, self.obs_dim, self.goal_dim = spec.act_dim, spec.obs_dim, spec.goal_dim
         self.plan_shape = (c.chunk, spec.act_dim)
-        self.default_steps = c.steps
         self.schedule = _schedule(c.schedule)
         self.add_obs_action_normalizers()
         self.register_buffer("anchors", torch.zeros(c.num_anchors, c.chunk, spec.act_dim))

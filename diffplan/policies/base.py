@@ -214,7 +214,13 @@ class PolicyBase(nn.Module):
     kind: ClassVar[str] = ""
     Config: ClassVar[type] = object
     plan_shape: tuple[int, int]
-    default_steps: int = 1
+    steps_field: ClassVar[str] = "steps"  # the config field holding a cold plan's solver steps
+
+    @property
+    def default_steps(self) -> int:
+        """Solver steps of a cold plan, read from the config on every plan, so that editing
+        ``policy.config.<steps_field>`` after loading takes effect (1 for configs without one)."""
+        return int(getattr(self.config, self.steps_field, 1))
 
     def __init__(self, config, spec: SpaceSpec):
         super().__init__()

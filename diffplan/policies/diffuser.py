@@ -91,7 +91,6 @@ class DiffuserPlanner(PolicyBase):
         self.obs_dim, self.act_dim = spec.obs_dim, spec.act_dim
         self.dim = spec.obs_dim + (spec.act_dim if config.with_actions else 0)
         self.plan_shape = (config.horizon, self.dim)
-        self.default_steps = config.steps
         self.schedule = SCHEDULES[config.schedule]()
         norm = LimitsNormalizer if config.normalizer == "limits" else GaussianNormalizer
         self.normalizer = norm(self.dim)

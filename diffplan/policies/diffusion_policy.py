@@ -55,7 +55,6 @@ class DiffusionPolicy(PolicyBase):
         from diffplan.nn import TemporalUNet
 
         self.plan_shape = (config.horizon, spec.act_dim)
-        self.default_steps = config.steps
         self.schedule = getattr(Schedule, config.schedule)()
         self.add_obs_action_normalizers()
         self.net = TemporalUNet(spec.act_dim, dim=config.dim, dim_mults=config.dim_mults,

@@ -179,6 +179,7 @@ class InverseDynamics(nn.Module):
 class TrajectoryDiffuser(PolicyBase):
     kind = "trajectory_diffuser"
     Config = TrajectoryDiffuserConfig
+    steps_field = "refine_steps"
 
     def __init__(self, config: TrajectoryDiffuserConfig, spec: SpaceSpec):
         super().__init__(config, spec)
@@ -187,7 +188,6 @@ class TrajectoryDiffuser(PolicyBase):
         self.goal_task = bool(spec.goal_dim)
         self.cond_dim = spec.goal_dim if self.goal_task else 1
         self.plan_shape = (h, d)
-        self.default_steps = config.refine_steps
         self.schedule = SCHEDULES[config.schedule]()
         norm = LimitsNormalizer if config.normalizer == "limits" else GaussianNormalizer
         self.normalizer = norm(d)

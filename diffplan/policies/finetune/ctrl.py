@@ -331,7 +331,6 @@ class CTRLPlanner(PolicyBase):
         self.obs_dim, self.act_dim = spec.obs_dim, spec.act_dim
         self.dim = spec.obs_dim + (spec.act_dim if base.with_actions else 0)
         self.plan_shape = (base.horizon, self.dim)
-        self.default_steps = config.steps
         self.schedule = SCHEDULES[base.schedule]()
         self.normalizer = (LimitsNormalizer if base.normalizer == "limits" else GaussianNormalizer)(self.dim)
         self.net = AdaptedDenoiser(TemporalUNet(self.dim, dim=base.dim, dim_mults=base.dim_mults), base.horizon,
