@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import append_rows, stamp  # noqa: E402
+from results import append_rows, stamp, training_facts  # noqa: E402
 
 from diffplan.envs import locomotion as L  # noqa: E402
 from diffplan.envs.behavior import D4RL_REF, d4rl_normalized  # noqa: E402
@@ -120,20 +120,6 @@ def shipped_checkpoints(families, kinds_filter: set[str] | None = None) -> list[
     return out
 
 
-def _training_facts(folder: Path) -> dict:
-    out = {}
-    state = folder / "trainer_state.json"
-    if state.exists():
-        out["steps"] = json.loads(state.read_text()).get("step")
-    info = folder / "train.json"
-    if info.exists():
-        data = json.loads(info.read_text())
-        out.setdefault("steps", data.get("steps"))
-        if "wall_s" in data:
-            out["wall_min"] = round(data["wall_s"] / 60)
-    return out
-
-
 def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int,
                 write_metrics: bool = False) -> list[dict]:
     import torch
@@ -158,7 +144,7 @@ def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int,
                "act_p50_ms": report.latency_p50_ms, "eval_wall_s": round(report.wall_s),
                "params_m": sum(p.numel() for p in policy.parameters()) / 1e6,
                "size_mb": sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20,
-               **_training_facts(folder)}
+               **training_facts(folder)}
         if policy.kind == "bc":
             bc[task] = row
         base = bc.get(task)
@@ -203,7 +189,7 @@ def _record_policies(rows: list[dict]) -> None:
     for r in rows:
         bc = (f"{r['bc_score']:.1f} ± {r['bc_score_se']:.1f}" if "bc_score" in r else "-")
         ratio = f"{r['vs_bc']:.2f}" if r.get("vs_bc") is not None else "-"
-        wall = f"{r['wall_min']} min" if "wall_min" in r else "?"
+        wall = r.get("wall", "?")
         out.append(stamp() + [r["task"], r["policy"], str(r["episodes"]),
                               f"{r['score']:.1f} ± {r['score_se']:.1f}", bc, ratio,
                               f"{r['length_mean']:.0f}", f"{r['act_p50_ms']:.0f}",

@@ -9,14 +9,13 @@ and what the training cost: steps, wall time (from the run's log when shipped be
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results import append_rows, stamp  # noqa: E402
+from results import append_rows, stamp, training_facts  # noqa: E402
 
 from diffplan.eval import evaluate  # noqa: E402
 from diffplan.policies import load_policy  # noqa: E402
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
         report = evaluate(policy, policy.spec.task, episodes=args.episodes, num_envs=args.num_envs,
                           seed=args.seed, progress=True)
         print(report.summary())
-        train = _training_facts(folder)
+        train = training_facts(folder)
         size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
         params = sum(p.numel() for p in policy.parameters())
         rows.append(stamp() + [
@@ -66,21 +65,6 @@ def main(argv=None) -> int:
              "act p50 ms (10 envs)", "decisions/s", "train steps", "train wall", "params / size"], rows)
         print(f"recorded in {path}")
     return 0
-
-
-def _training_facts(folder: Path) -> dict:
-    """Training steps from the checkpoint's trainer state or config, wall time from train.json."""
-    out = {}
-    state = folder / "trainer_state.json"
-    if state.exists():
-        out["steps"] = json.loads(state.read_text()).get("step")
-    info = folder / "train.json"
-    if info.exists():
-        data = json.loads(info.read_text())
-        out.setdefault("steps", data.get("steps"))
-        if "wall_s" in data:
-            out["wall"] = f"{data['wall_s'] / 60:.0f} min"
-    return out
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ accumulate with their date, machine and commit.
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -62,3 +63,20 @@ def append_rows(section: str, description: str, header: list[str], rows: list[li
         text = text.rstrip("\n") + f"\n\n{note}\n"
     RESULTS.write_text(text)
     return RESULTS
+
+
+def training_facts(folder: Path) -> dict:
+    """A shipped checkpoint's training steps (trainer state, else train.json) and wall time as
+    ``"wall"`` (e.g. ``"12 min"``, from train.json); keys are absent where unknown."""
+    out = {}
+    state = Path(folder) / "trainer_state.json"
+    if state.exists():
+        out["steps"] = json.loads(state.read_text()).get("step")
+    info = Path(folder) / "train.json"
+    if info.exists():
+        data = json.loads(info.read_text())
+        if out.get("steps") is None:
+            out["steps"] = data.get("steps")
+        if "wall_s" in data:
+            out["wall"] = f"{data['wall_s'] / 60:.0f} min"
+    return out

@@ -14,7 +14,17 @@ from .objectives import (
     to_x0,
 )
 from .schedules import DiscreteSchedule, Schedule
-from .solvers import SOLVERS, ddim, ddpm, dpmpp_2m, euler, heun, sample, time_grid
+from .solvers import (
+    SOLVERS,
+    ddim,
+    ddpm,
+    dpmpp_2m,
+    euler,
+    heun,
+    noise_level,
+    sample,
+    time_grid,
+)
 
 __all__ = [
     "OBJECTIVES",
@@ -32,6 +42,7 @@ __all__ = [
     "euler",
     "heun",
     "make_denoiser",
+    "noise_level",
     "noise_to",
     "sample",
     "target",

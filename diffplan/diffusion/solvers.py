@@ -239,9 +239,11 @@ def time_grid(steps: int, t_start: float = 1.0, t_end: float = 0.0, device=None,
 
 
 @functools.lru_cache(maxsize=512)
-def _start_coefficients(schedule: Schedule, t0: float) -> tuple[float, float]:
-    t = torch.tensor([t0], dtype=torch.float64)
-    return schedule.alpha(t).item(), schedule.sigma(t).item()
+def noise_level(schedule: Schedule, t: float) -> tuple[float, float]:
+    """``(alpha(t), sigma(t))`` as Python floats, cached per schedule and level: for noising a prior
+    to ``t_start`` without tensor work on a planner's hot path."""
+    tt = torch.tensor([t], dtype=torch.float64)
+    return schedule.alpha(tt).item(), schedule.sigma(tt).item()
 
 
 def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 10,
@@ -291,7 +293,7 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
     x = x_init
     if noise_prior:
         eps = torch.randn(x_init.shape, generator=generator, device=x_init.device, dtype=x_init.dtype)
-        a0, s0 = _start_coefficients(schedule, ts[0])
+        a0, s0 = noise_level(schedule, ts[0])
         x = s0 * eps if ts[0] >= 1 else torch.add(a0 * x_init, eps, alpha=s0)
     if constrain is not None:
         x = constrain(x)

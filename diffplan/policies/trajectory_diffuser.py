@@ -49,9 +49,8 @@ Guidance distillation
     (``train_parts``), e.g. a new, cheaper drafter in the same run.
 
 Cost of a plan
-    The constraints are built once per plan, the noise level's ``alpha, sigma`` are cached floats
-    and the solver runs directly on its grid, so a ``k = 1`` plan costs a draft, one U-Net pass and
-    a few small tensor ops. A draft costs ``ceil((H-1)/draft_stride)`` one-token transformer passes,
+    The noise level's ``alpha, sigma`` are cached floats (``noise_level``) and ``sample`` adds no
+    per-step work, so a ``k = 1`` plan costs a draft, one U-Net pass and a few small tensor ops. A draft costs ``ceil((H-1)/draft_stride)`` one-token transformer passes,
     mostly per-op overhead at batch 1 on a CPU: fewer tokens (a larger stride) and fewer blocks are
     what make it cheap.
 """
@@ -72,11 +71,12 @@ from diffplan.data import (
     discounted_returns,
 )
 from diffplan.diffusion import (
-    SOLVERS,
     cfg_denoiser,
     diffusion_loss,
     make_denoiser,
+    noise_level,
     noise_to,
+    sample,
 )
 from diffplan.nn import TemporalUNet
 from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerConfig
@@ -417,28 +417,17 @@ class TrajectoryDiffuser(PolicyBase):
         if steps < 0 or not 0.0 < t_start <= 1.0:
             raise ValueError(f"need steps >= 0 and 0 < t_start <= 1, got steps={steps}, t_start={t_start}")
         cond = self.condition(obs, goal)
-        x = self.draft(obs, cond) if warm is None else warm
-        mask, fill = self.constraints(obs, goal).dense(x)  # once per plan: (H, D) mask, (B, H, D) values
-        x = torch.where(mask, fill, x)
+        constraints = self.constraints(obs, goal)
+        x = constraints.apply(self.draft(obs, cond) if warm is None else warm)
         if steps == 0:
             return x
-        alpha, sigma = self._noise_level(t_start)
+        alpha, sigma = noise_level(self.schedule, t_start)
         if t_start >= 1.0:  # a full chain: start from pure noise, as a cold Diffuser plan does
             x = sigma * noise
         elif cfg.noise_draft or warm is not None:
             x = torch.add(alpha * x, noise, alpha=sigma)
-        # the solver directly (what ``sample(..., noise_prior=False)`` runs), on its uniform grid
-        ts = tuple(t_start + (0.0 - t_start) * i / steps for i in range(steps + 1))
-        return SOLVERS[cfg.solver](self.denoiser(cond), torch.where(mask, fill, x), ts, self.schedule,
-                                   constrain=lambda y: torch.where(mask, fill, y))
-
-    def _noise_level(self, t: float) -> tuple[float, float]:
-        """``(alpha(t), sigma(t))`` as Python floats, computed once per noise level."""
-        levels = self.__dict__.setdefault("_levels", {})
-        if t not in levels:
-            tt = torch.tensor([t], dtype=torch.float64)
-            levels[t] = (self.schedule.alpha(tt).item(), self.schedule.sigma(tt).item())
-        return levels[t]
+        return sample(self.denoiser(cond), x, schedule=self.schedule, solver=cfg.solver, steps=steps,
+                      t_start=t_start, constraints=constraints, noise_prior=False)
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
         """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""
