@@ -53,7 +53,7 @@ RANDOM_RETURN_V5 = {"hopper": 17.04, "halfcheetah": -267.71, "walker2d": 1.93}
 # Snapshots pinned once training is done (None: chosen from the shipped snapshots' yaml).
 PINNED = {
     "hopper": {"medium": "step-110000", "expert": "step-180000"},  # 48.6 and 109.6 D4RL-normalized
-    "halfcheetah": {"medium": "step-100000", "expert": "step-270000"},  # 42.0 and 66.2 (best of 270k steps)
+    "halfcheetah": {"medium": "step-100000", "expert": "step-310000"},  # 42.0 and 69.8 (best of 310k steps)
     # walker2d: medium = the first snapshot past the medium level (67.1; D4RL's medium policies were
     # early-stopped too), expert = the best of 400k steps (76.5; D4RL's expert is 100)
     "walker2d": {"medium": "step-260000", "expert": "step-330000"},
