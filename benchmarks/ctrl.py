@@ -20,6 +20,9 @@ Stages (each reuses the previous outputs under ``runs/``)::
     python benchmarks/ctrl.py --stage ctrl     # classifier + CTRL finetuning (timed)
     python benchmarks/ctrl.py --stage eval     # measure everything, append to RESULTS.md
     python benchmarks/ctrl.py --stage curve    # label accuracy of each saved CTRL step vs its compute
+
+``--config`` and ``--run`` train and read another CTRL recipe (a config file, a run folder under
+``runs/``) with the same accuracy and cost definitions; ``--recipe`` labels its curve rows.
 """
 from __future__ import annotations
 
@@ -118,10 +121,10 @@ def policy_steps(run: Path) -> int:
     return int(latest_checkpoint(run).name.split("-")[1])
 
 
-def stage_ctrl(steps: int | None, resume: bool):
+def stage_ctrl(steps: int | None, resume: bool, config: Path = ROOT / "configs/ctrl/pointmaze-umaze.yaml"):
     from diffplan.policies.training import read_config, train_policy
 
-    cfg = read_config(ROOT / "configs/ctrl/pointmaze-umaze.yaml")
+    cfg = read_config(config)
     cfg["policy"]["base_checkpoint"] = str(BASE_RUN / "final")
     policy, wall, cpu = _timed("ctrl (classifier + finetune)",
                           lambda: train_policy(cfg, CTRL_RUN, steps=steps, resume=resume, progress=False))
@@ -263,7 +266,7 @@ def _train_section(ckpt: Path) -> dict:
     return yaml.safe_load((ckpt / "config.yaml").read_text())["train"]
 
 
-def stage_curve(n_starts: int):
+def stage_curve(n_starts: int, label: str | None = None):
     """Label accuracy (data pairs) of every saved CTRL checkpoint against its finetuning compute."""
     from results import append_rows, stamp
 
@@ -289,6 +292,10 @@ def stage_curve(n_starts: int):
         t = _train_section(ckpt)
         recipe = (f"lr {t['lr']:g} {t['lr_schedule']}, EMA {t['ema_decay']:g}, batch {t['batch_size']}, "
                   f"{t['steps']} steps")
+        c = ctrl.config
+        recipe = (f"{label}: " if label else "") + (
+            f"K={c.steps}, grad {'last ' + str(c.grad_steps) if c.grad_steps else 'random trunc.' if c.truncate else 'all'}"
+            f" steps, classifier {c.classifier_steps} steps, " + recipe)
         rows.append([*stamp(), TASK, recipe, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
     append_rows("ctrl: label accuracy vs finetuning compute",
                 "`python benchmarks/ctrl.py --stage curve`: every saved CTRL checkpoint of one run; accuracy on "
@@ -299,6 +306,7 @@ def stage_curve(n_starts: int):
 
 
 def main():
+    global CTRL_RUN
     torch.set_num_threads(1)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", choices=["base", "cfg", "ctrl", "eval", "curve"], required=True)
@@ -308,15 +316,20 @@ def main():
     ap.add_argument("--cfg-w", type=float, default=2.0)
     ap.add_argument("--episodes", type=int, default=30)
     ap.add_argument("--starts", type=int, default=64)
+    ap.add_argument("--config", type=Path, default=ROOT / "configs/ctrl/pointmaze-umaze.yaml",
+                    help="CTRL config for --stage ctrl")
+    ap.add_argument("--run", default=CTRL_RUN.name, help="CTRL run folder under runs/ (ctrl, eval, curve)")
+    ap.add_argument("--recipe", default=None, help="label of the curve rows")
     args = ap.parse_args()
+    CTRL_RUN = ROOT / "runs" / args.run
     if args.stage == "base":
         stage_base()
     elif args.stage == "cfg":
         stage_cfg(args.cfg_steps)
     elif args.stage == "ctrl":
-        stage_ctrl(args.ctrl_steps, args.resume)
+        stage_ctrl(args.ctrl_steps, args.resume, args.config)
     elif args.stage == "curve":
-        stage_curve(args.starts)
+        stage_curve(args.starts, args.recipe)
     else:
         stage_eval(args.episodes, args.cfg_w, args.starts)
 

@@ -207,3 +207,82 @@ def test_policy_at_init_samples_what_the_pretrained_planner_samples(ctrl_policy)
     theirs = sample(denoise, noise * base.schedule.sigma(torch.tensor(1.0)), base.schedule, solver="ddim", eta=1.0,
                     steps=3, constraints=base.constraints(obs, None), noise_prior=False)
     assert torch.equal(ours, theirs)
+
+
+# ---------------------------------------------------------------------------------------------
+# grad_steps (DRaFT-K): only the last k steps carry the gradient through the chain
+
+class _Recorder(torch.nn.Module):
+    """Wraps an AdaptedDenoiser; records (conditional?, grad enabled?, x) of every forward."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.inner, self.calls = net, []
+
+    def forward(self, x, t, cond=None):
+        self.calls.append((cond is not None, torch.is_grad_enabled(), x.detach().clone(), float(t[0])))
+        return self.inner(x, t, cond)
+
+
+def test_grad_steps_backprops_only_through_the_last_steps_and_samples_one_early_kl_step():
+    _, adapted = _adapted_unet()
+    with torch.no_grad():  # move off the init so the KL and the gradients are not trivially zero
+        adapted.net.embed.weight.normal_(0, 0.3)
+        adapted.side.out.weight.normal_(0, 0.3)
+    rec = _Recorder(adapted)
+    classifier = LabelClassifier(8, 4, 3, hidden=16).requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    start = Constraints([0], [0, 1], torch.zeros(6, 1, 2))
+    x_T = torch.randn(6, 8, 4, requires_grad=True)
+    loss, logs = ctrl_loss(rec, classifier, SCHEDULE, "x0", x_T, y, 3, steps=5, alpha=0.1, constraints=start,
+                           grad_steps=1)
+    loss.backward()
+    assert x_T.grad is None  # nothing flows back through the early chain
+    cond_calls = [c for c in rec.calls if c[0]]
+    ref_calls = [c for c in rec.calls if not c[0]]
+    assert len(cond_calls) == 5  # every step samples with the adapted model ...
+    assert len(ref_calls) == 2  # ... the reference runs only for the KL step drawn and the last step
+    assert [g for _, g, _, _ in ref_calls] == [False, True]
+    graded = [i for i, (_, g, _, _) in enumerate(cond_calls) if g]
+    assert len(graded) == 2 and graded[-1] == 4 and graded[0] < 4  # one early KL step + the last step
+    assert logs["kl"].item() > 0
+    for p in adapted.adapter_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_grad_steps_reward_gradient_is_the_gradient_through_the_last_step_alone():
+    from diffplan.policies.finetune.ctrl import ddpm_coefficients
+
+    _, adapted = _adapted_unet()
+    with torch.no_grad():
+        adapted.net.embed.weight.normal_(0, 0.3)
+    rec = _Recorder(adapted)
+    classifier = LabelClassifier(8, 4, 3, hidden=16).requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    start = Constraints([0], [0, 1], torch.zeros(6, 1, 2))
+    loss, _ = ctrl_loss(rec, classifier, SCHEDULE, "x0", torch.randn(6, 8, 4), y, 3, steps=4, alpha=0.0,
+                        constraints=start, grad_steps=1)
+    grads = torch.autograd.grad(loss, adapted.adapter_parameters(), allow_unused=True)
+    # the same loss rebuilt from the last step's recorded input alone
+    _, x_last, t_last = [(c, x, t) for c, _, x, t in rec.calls if c][-1]
+    _, k_x, k_d, c, _ = ddpm_coefficients(SCHEDULE, 4)
+    assert c[-1] == 0  # the last step is deterministic
+    d = make_denoiser(adapted, SCHEDULE, "x0", F.one_hot(y, 3).float())(x_last, torch.full((6,), t_last))
+    mask, fill = start.dense(x_last)
+    x0 = torch.where(mask, fill, k_x[-1] * x_last + k_d[-1] * d)
+    expected = torch.autograd.grad(-classifier.log_prob(x0, y).mean(), adapted.adapter_parameters(),
+                                   allow_unused=True)
+    for g, e in zip(grads, expected):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_grad_steps_must_fit_in_the_chain():
+    with pytest.raises(ValueError, match="grad_steps"):
+        CTRLConfig(steps=5, grad_steps=6)
+    _, adapted = _adapted_unet()
+    with pytest.raises(ValueError, match="grad_steps"):
+        ctrl_loss(adapted, LabelClassifier(8, 4, 3, hidden=16), SCHEDULE, "x0", torch.randn(2, 8, 4),
+                  torch.tensor([0, 1]), 3, steps=3, alpha=0.1, grad_steps=4)

@@ -23,7 +23,11 @@ What it trains
        eta=1 (= DDPM posterior sampling) of the adapted model, with the reference evaluated on the
        same ``x_t`` at every step; the inpainted current state is applied identically to both.
        Gradients flow through the chain from a random step on (earlier steps are detached:
-       truncated backprop) and the trainer clips the gradient norm.
+       truncated backprop) and the trainer clips the gradient norm. With ``grad_steps = k > 0``
+       (DRaFT-K, Clark et al. 2024) only the last k steps carry the reward gradient: the earlier
+       ones run under ``no_grad`` without the reference, and their KL enters through one of them
+       drawn at random (an unbiased estimate of their KL and of its direct gradient), so an update
+       costs about K no-grad forwards plus k + 1 backward passes instead of ~K of each.
 
 How it acts
     Like Diffuser: the current state is inpainted, a plan is sampled with the K-step stochastic
@@ -83,7 +87,8 @@ class CTRLConfig:
     sampler: str = "ctrl"  # "ctrl" | "pretrained" | "classifier_guidance"
     steps: int = 10  # K stochastic DDIM steps (eta=1), in finetuning and in planning
     alpha: float = 0.1  # KL weight (the reward log p_hat has weight 1)
-    truncate: bool = True  # backprop through the chain from a random step on
+    truncate: bool = True  # backprop through the chain from a random step on (when grad_steps is 0)
+    grad_steps: int = 0  # > 0: backprop only through the last grad_steps steps, earlier ones without grad (DRaFT-K)
     label_sampling: str = "data"  # "data": (start, label) of the same data window; "uniform": any label
     side_hidden: int = 128
     side_depth: int = 2
@@ -104,6 +109,8 @@ class CTRLConfig:
             raise ValueError(f"label_sampling must be 'data' or 'uniform', got {self.label_sampling!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0 <= self.grad_steps <= self.steps:
+            raise ValueError(f"grad_steps must be in [0, steps={self.steps}], got {self.grad_steps}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,13 +249,18 @@ def ddpm_coefficients(schedule, steps: int, device=None):
 
 
 def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor, cond: torch.Tensor, steps: int,
-                 constraints: Constraints | None = None, grad_from: int = 0, generator=None):
+                 constraints: Constraints | None = None, grad_from: int = 0, generator=None,
+                 no_grad_early: bool = False):
     """K-step stochastic DDIM chain of the adapted model, with the reference on the same ``x_t``.
 
     ``x``: (B, H, D) start at t=1; ``cond``: (B, L). Returns ``(x0 (B, H, D), kl (B,))`` where
     ``kl = sum_i k_d_i^2 ||D_theta - D_ref||^2 / (2 c_i^2)`` over the entries not inpainted
     (``mu_theta - mu_ref = k_d (D_theta - D_ref)`` since both start from the same ``x_t``).
-    The sample is detached before step ``grad_from`` (truncated backprop through the chain)."""
+    The sample is detached before step ``grad_from`` (truncated backprop through the chain).
+
+    ``no_grad_early`` (DRaFT-K): the steps before ``grad_from`` run under ``no_grad`` and skip the
+    reference, except one of them drawn at random whose KL term (with its direct gradient, on its
+    detached ``x_t``) counts ``grad_from`` times: an unbiased estimate of those steps' KL."""
     ts, k_x, k_d, c, var = ddpm_coefficients(schedule, steps, x.device)
     denoise = make_denoiser(net, schedule, objective, cond)
     reference = make_denoiser(net, schedule, objective, None)
@@ -259,14 +271,27 @@ def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor
         x = torch.where(mask, fill, x)
         free = ~mask
     kl = x.new_zeros(x.shape[0])
+    kl_step = (int(torch.randint(0, grad_from, (1,), generator=generator))
+               if no_grad_early and grad_from > 0 else None)
     for i in range(steps):
         if i <= grad_from:
             x = x.detach()
         t = ts[i].expand(x.shape[0])
-        d = denoise(x, t)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from):
-            d_ref = reference(x, t)
-        kl = kl + k_d[i] ** 2 * ((d - d_ref) * free).pow(2).flatten(1).sum(1) / (2 * var[i])
+        if kl_step is not None and i < grad_from:  # DRaFT-K: an early step, no gradient through the chain
+            if i == kl_step:
+                d = denoise(x, t)
+                with torch.no_grad():
+                    d_ref = reference(x, t)
+                kl = kl + grad_from * k_d[i] ** 2 * ((d - d_ref) * free).pow(2).flatten(1).sum(1) / (2 * var[i])
+                d = d.detach()
+            else:
+                with torch.no_grad():
+                    d = denoise(x, t)
+        else:
+            d = denoise(x, t)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from):
+                d_ref = reference(x, t)
+            kl = kl + k_d[i] ** 2 * ((d - d_ref) * free).pow(2).flatten(1).sum(1) / (2 * var[i])
         x = k_x[i] * x + k_d[i] * d
         if c[i] > 0:
             x = x + c[i] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
@@ -277,11 +302,20 @@ def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor
 
 def ctrl_loss(net: AdaptedDenoiser, classifier: LabelClassifier, schedule, objective: str, x_T: torch.Tensor,
               y: torch.Tensor, n_labels: int, steps: int, alpha: float, constraints=None, truncate: bool = True,
-              generator=None):
-    """``mean(-log p_hat(y | x0)) + alpha * mean(KL)`` of one K-step rollout; returns (loss, logs)."""
-    grad_from = int(torch.randint(0, steps, (1,), generator=generator)) if truncate else 0
+              generator=None, grad_steps: int = 0):
+    """``mean(-log p_hat(y | x0)) + alpha * mean(KL)`` of one K-step rollout; returns (loss, logs).
+
+    ``grad_steps = k > 0``: backprop only through the last k steps (DRaFT-K, see ``ctrl_rollout``);
+    otherwise through the chain from a random step on (``truncate``) or all of it."""
+    if not 0 <= grad_steps <= steps:
+        raise ValueError(f"grad_steps must be in [0, {steps}], got {grad_steps}")
+    if grad_steps:
+        grad_from = steps - grad_steps
+    else:
+        grad_from = int(torch.randint(0, steps, (1,), generator=generator)) if truncate else 0
     cond = F.one_hot(y, n_labels).to(x_T.dtype)
-    x0, kl = ctrl_rollout(net, schedule, objective, x_T, cond, steps, constraints, grad_from, generator)
+    x0, kl = ctrl_rollout(net, schedule, objective, x_T, cond, steps, constraints, grad_from, generator,
+                          no_grad_early=grad_steps > 0)
     log_p = classifier.log_prob(x0, y)
     loss = -log_p.mean() + alpha * kl.mean()
     acc = (classifier.logits(x0).argmax(-1) == y).float().mean()
@@ -433,7 +467,7 @@ class CTRLPlanner(PolicyBase):
         x_T = torch.randn(start.shape[0], *self.plan_shape, device=start.device) * self.schedule.sigma(torch.ones(()))
         return ctrl_loss(self.net, self.classifier, self.schedule, self.config.base.objective, x_T,
                          batch["y"].long(), self.n_labels, self.config.steps, self.config.alpha,
-                         self.constraints(start), self.config.truncate)
+                         self.constraints(start), self.config.truncate, grad_steps=self.config.grad_steps)
 
     # ------------------------------------------------------------------ acting
     def set_target(self, target) -> None:
