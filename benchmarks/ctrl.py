@@ -293,9 +293,10 @@ def stage_curve(n_starts: int, label: str | None = None):
         recipe = (f"lr {t['lr']:g} {t['lr_schedule']}, EMA {t['ema_decay']:g}, batch {t['batch_size']}, "
                   f"{t['steps']} steps")
         c = ctrl.config
-        recipe = (f"{label}: " if label else "") + (
-            f"K={c.steps}, grad {'last ' + str(c.grad_steps) if c.grad_steps else 'random trunc.' if c.truncate else 'all'}"
-            f" steps, classifier {c.classifier_steps} steps, " + recipe)
+        grad = (f"grad through last {c.grad_steps} steps" if c.grad_steps else
+                "random truncation" + (" (early steps no-grad)" if c.no_grad_early else "") if c.truncate else
+                "full backprop")
+        recipe = (f"{label}: " if label else "") + f"K={c.steps}, {grad}, classifier {c.classifier_steps} steps, " + recipe
         rows.append([*stamp(), TASK, recipe, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
     append_rows("ctrl: label accuracy vs finetuning compute",
                 "`python benchmarks/ctrl.py --stage curve`: every saved CTRL checkpoint of one run; accuracy on "

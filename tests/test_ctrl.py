@@ -286,3 +286,28 @@ def test_grad_steps_must_fit_in_the_chain():
     with pytest.raises(ValueError, match="grad_steps"):
         ctrl_loss(adapted, LabelClassifier(8, 4, 3, hidden=16), SCHEDULE, "x0", torch.randn(2, 8, 4),
                   torch.tensor([0, 1]), 3, steps=3, alpha=0.1, grad_steps=4)
+
+
+def test_random_truncation_with_no_grad_early_skips_the_reference_before_the_cut():
+    _, adapted = _adapted_unet()
+    classifier = LabelClassifier(8, 4, 3, hidden=16).requires_grad_(False)
+    y = torch.tensor([0, 1, 2, 0])
+    seen_cuts = set()
+    for seed in range(6):
+        for no_grad_early in (False, True):
+            rec = _Recorder(adapted)
+            g = torch.Generator().manual_seed(seed)
+            ctrl_loss(rec, classifier, SCHEDULE, "x0", torch.randn(4, 8, 4), y, 3, steps=6, alpha=0.1,
+                      truncate=True, generator=g, no_grad_early=no_grad_early)
+            graded = [i for i, (c, grad, _, _) in enumerate(c for c in rec.calls if c[0]) if grad]
+            n_ref = sum(not c[0] for c in rec.calls)
+            if not no_grad_early:  # every step builds a graph for its KL term
+                assert graded == list(range(6)) and n_ref == 6
+                continue
+            cut = 6 - sum(not c[0] and c[1] for c in rec.calls)  # the reference has grad from the cut on
+            seen_cuts.add(cut)
+            early = [i for i in graded if i < cut]
+            assert graded == early + list(range(cut, 6))  # backprop from the cut on ...
+            assert len(early) == (1 if cut > 0 else 0)  # ... plus one KL step drawn before it
+            assert n_ref == (6 - cut) + len(early)
+    assert len(seen_cuts) > 1

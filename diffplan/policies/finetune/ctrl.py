@@ -89,6 +89,7 @@ class CTRLConfig:
     alpha: float = 0.1  # KL weight (the reward log p_hat has weight 1)
     truncate: bool = True  # backprop through the chain from a random step on (when grad_steps is 0)
     grad_steps: int = 0  # > 0: backprop only through the last grad_steps steps, earlier ones without grad (DRaFT-K)
+    no_grad_early: bool = False  # steps before the truncation point without grad, their KL from one drawn step
     label_sampling: str = "data"  # "data": (start, label) of the same data window; "uniform": any label
     side_hidden: int = 128
     side_depth: int = 2
@@ -302,11 +303,12 @@ def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor
 
 def ctrl_loss(net: AdaptedDenoiser, classifier: LabelClassifier, schedule, objective: str, x_T: torch.Tensor,
               y: torch.Tensor, n_labels: int, steps: int, alpha: float, constraints=None, truncate: bool = True,
-              generator=None, grad_steps: int = 0):
+              generator=None, grad_steps: int = 0, no_grad_early: bool = False):
     """``mean(-log p_hat(y | x0)) + alpha * mean(KL)`` of one K-step rollout; returns (loss, logs).
 
     ``grad_steps = k > 0``: backprop only through the last k steps (DRaFT-K, see ``ctrl_rollout``);
-    otherwise through the chain from a random step on (``truncate``) or all of it."""
+    otherwise through the chain from a random step on (``truncate``) or all of it. ``no_grad_early``
+    runs the steps before that point as DRaFT-K does (implied by ``grad_steps``)."""
     if not 0 <= grad_steps <= steps:
         raise ValueError(f"grad_steps must be in [0, {steps}], got {grad_steps}")
     if grad_steps:
@@ -315,7 +317,7 @@ def ctrl_loss(net: AdaptedDenoiser, classifier: LabelClassifier, schedule, objec
         grad_from = int(torch.randint(0, steps, (1,), generator=generator)) if truncate else 0
     cond = F.one_hot(y, n_labels).to(x_T.dtype)
     x0, kl = ctrl_rollout(net, schedule, objective, x_T, cond, steps, constraints, grad_from, generator,
-                          no_grad_early=grad_steps > 0)
+                          no_grad_early=no_grad_early or grad_steps > 0)
     log_p = classifier.log_prob(x0, y)
     loss = -log_p.mean() + alpha * kl.mean()
     acc = (classifier.logits(x0).argmax(-1) == y).float().mean()
@@ -467,7 +469,8 @@ class CTRLPlanner(PolicyBase):
         x_T = torch.randn(start.shape[0], *self.plan_shape, device=start.device) * self.schedule.sigma(torch.ones(()))
         return ctrl_loss(self.net, self.classifier, self.schedule, self.config.base.objective, x_T,
                          batch["y"].long(), self.n_labels, self.config.steps, self.config.alpha,
-                         self.constraints(start), self.config.truncate, grad_steps=self.config.grad_steps)
+                         self.constraints(start), self.config.truncate, grad_steps=self.config.grad_steps,
+                         no_grad_early=self.config.no_grad_early)
 
     # ------------------------------------------------------------------ acting
     def set_target(self, target) -> None:
