@@ -311,3 +311,23 @@ def test_random_truncation_with_no_grad_early_skips_the_reference_before_the_cut
             assert len(early) == (1 if cut > 0 else 0)  # ... plus one KL step drawn before it
             assert n_ref == (6 - cut) + len(early)
     assert len(seen_cuts) > 1
+
+
+def test_finetune_steps_sets_the_chain_length_of_the_loss_but_not_of_the_plans(ctrl_policy):
+    import dataclasses
+
+    policy, _, _ = ctrl_policy
+    p = copy.deepcopy(policy)
+    p.config = dataclasses.replace(p.config, finetune_steps=2, grad_steps=1)
+    p.net = _Recorder(p.net)
+    obs = torch.as_tensor(_obs()["observation"])
+    p.loss({"start": obs, "y": torch.tensor([0, 3])})
+    assert sum(c[0] for c in p.net.calls) == 2  # the finetuning chain: 2 steps
+    p.net.calls.clear()
+    with torch.no_grad():
+        p.plan(obs, None, torch.randn(2, 8, 4), labels=torch.tensor([0, 3]))
+    assert sum(c[0] for c in p.net.calls) == 3  # plans: config.steps
+    with pytest.raises(ValueError, match="finetune_steps"):
+        CTRLConfig(finetune_steps=-1)
+    with pytest.raises(ValueError, match="grad_steps"):
+        CTRLConfig(steps=10, finetune_steps=3, grad_steps=4)

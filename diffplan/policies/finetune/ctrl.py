@@ -85,7 +85,8 @@ class CTRLConfig:
     n_buckets: int = 4  # return_bucket only
     target: str = "goal"  # default requested label: a name, "goal" (mazes), or "top" (best return bucket)
     sampler: str = "ctrl"  # "ctrl" | "pretrained" | "classifier_guidance"
-    steps: int = 10  # K stochastic DDIM steps (eta=1), in finetuning and in planning
+    steps: int = 10  # K stochastic DDIM steps (eta=1), in planning (and finetuning unless finetune_steps)
+    finetune_steps: int = 0  # K of the finetuning chain; 0: the same as steps
     alpha: float = 0.1  # KL weight (the reward log p_hat has weight 1)
     truncate: bool = True  # backprop through the chain from a random step on (when grad_steps is 0)
     grad_steps: int = 0  # > 0: backprop only through the last grad_steps steps, earlier ones without grad (DRaFT-K)
@@ -110,8 +111,11 @@ class CTRLConfig:
             raise ValueError(f"label_sampling must be 'data' or 'uniform', got {self.label_sampling!r}")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.grad_steps <= self.steps:
-            raise ValueError(f"grad_steps must be in [0, steps={self.steps}], got {self.grad_steps}")
+        if self.finetune_steps < 0:
+            raise ValueError(f"finetune_steps must be >= 0 (0: steps), got {self.finetune_steps}")
+        k = self.finetune_steps or self.steps
+        if not 0 <= self.grad_steps <= k:
+            raise ValueError(f"grad_steps must be in [0, finetuning steps={k}], got {self.grad_steps}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,7 +472,8 @@ class CTRLPlanner(PolicyBase):
         start = batch["start"]
         x_T = torch.randn(start.shape[0], *self.plan_shape, device=start.device) * self.schedule.sigma(torch.ones(()))
         return ctrl_loss(self.net, self.classifier, self.schedule, self.config.base.objective, x_T,
-                         batch["y"].long(), self.n_labels, self.config.steps, self.config.alpha,
+                         batch["y"].long(), self.n_labels, self.config.finetune_steps or self.config.steps,
+                         self.config.alpha,
                          self.constraints(start), self.config.truncate, grad_steps=self.config.grad_steps,
                          no_grad_early=self.config.no_grad_early)
 
