@@ -154,3 +154,33 @@ def test_load_policy_round_trip_gives_identical_actions(tmp_path):
         a, b = policy.act(obs), loaded.act(obs)
         assert a.shape == (5, 2) and np.array_equal(a, b)
         assert (np.abs(a) <= 1).all()
+
+
+def test_return_conditioning_picks_the_mode_that_earns_the_requested_return(tmp_path):
+    """+x episodes earn reward 1 per step, -x episodes earn 0: asking for the data's high return
+    gives +x chunks, asking for 0 gives -x chunks, from the same observation and noise."""
+    data = bimodal_dataset()
+    rewards = (data.actions[:, 0] > 0).astype(np.float64)
+    data = OfflineDataset(observations=data.observations, actions=data.actions, rewards=rewards,
+                          terminals=data.terminals, timeouts=data.timeouts)
+    policy = AnchoredDiffusionPolicy.from_dataset(data, tiny(temperature=1.0, return_conditioned=True, discount=0.9))
+    batch = policy.batches(data, 8)(0, np.random.default_rng(0))
+    assert batch["rtg"].shape == (8,) and batch["rtg"].max() > 0
+    policy = train(policy, data)
+    noise = torch.randn(100, 4, 2, generator=torch.Generator().manual_seed(0))
+    push = {}
+    for target in (None, 0.0):  # None: 0.9 x the data's largest return (a +x episode's)
+        policy.config.target_return = target
+        with torch.inference_mode():
+            push[target] = policy.plan(torch.zeros(100, 2), None, noise)[:, :, 0].mean(1)
+    assert (push[None] > 0.3).float().mean() > 0.9, "high return asked, -x chunks returned"
+    assert (push[0.0] < -0.3).float().mean() > 0.9, "zero return asked, +x chunks returned"
+    # the condition travels with the checkpoint
+    policy.config.target_return, policy.config.temperature = None, 0.0  # top logit: deterministic
+    policy.save(tmp_path / "ckpt")
+    loaded = load_policy(tmp_path / "ckpt")
+    assert torch.equal(loaded.default_return, policy.default_return)
+    with torch.inference_mode():
+        assert torch.equal(loaded.plan(torch.zeros(100, 2), None, noise), policy.plan(torch.zeros(100, 2), None, noise))
+    with pytest.raises(KeyError, match="rtg"):
+        policy.loss({"obs": torch.zeros(2, 2), "actions": torch.zeros(2, 4, 2)})

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffplan.data.windows import discounted_returns
 from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
@@ -107,6 +108,12 @@ class AnchoredConfig:
     temperature: float = 0.0  # 0: top logit; > 0: sample softmax(logits / temperature)
     pad: bool = False  # also train on chunks running past an episode's end, zero-padded
     hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
+    # Return conditioning (reward tasks): the discounted return-to-go of the chunk's first step is
+    # one more context token, and acting asks for ``target_return`` (raw, None: 0.9 x the
+    # dataset's largest), as Decision Transformer / Decision Diffuser condition on returns.
+    return_conditioned: bool = False
+    discount: float = 0.997
+    target_return: float | None = None
     kmeans_samples: int = 200_000  # chunks used to fit the anchors
     kmeans_iters: int = 100
     seed: int = 0
@@ -125,6 +132,8 @@ class AnchoredConfig:
             raise ValueError("need steps >= 1, stages >= 1, num_anchors >= 2, chunk >= 1")
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if not 0.0 < self.discount <= 1.0:
+            raise ValueError(f"discount must be in (0, 1], got {self.discount}")
         if self.runtime.n_action_steps > self.chunk:
             raise ValueError(f"runtime.n_action_steps {self.runtime.n_action_steps} > chunk {self.chunk}")
 
@@ -140,21 +149,26 @@ ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish}
 
 
 class ObservationEncoder(nn.Module):
-    """Observation tokens (B, T, W): the observation, the goal and both together (goal tasks)."""
+    """Context tokens (B, T, W): the observation, the goal and both together (goal tasks), and
+    the scaled return-to-go (return-conditioned policies)."""
 
-    def __init__(self, obs_dim: int, goal_dim: int, width: int, activation: str = "silu"):
+    def __init__(self, obs_dim: int, goal_dim: int, width: int, activation: str = "silu",
+                 returns: bool = False):
         super().__init__()
         act = ACTIVATIONS[activation]
         mlp = lambda d: nn.Sequential(nn.Linear(d, width), act(), nn.Linear(width, width))
         self.obs = mlp(obs_dim)
         self.goal = mlp(goal_dim) if goal_dim else None
         self.joint = mlp(obs_dim + goal_dim) if goal_dim else None
+        self.ret = mlp(1) if returns else None
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, obs: torch.Tensor, goal: torch.Tensor | None, ret: torch.Tensor | None = None) -> torch.Tensor:
         tokens = [self.obs(obs)]
         if self.goal is not None:
             tokens += [self.goal(goal), self.joint(torch.cat([obs, goal], -1))]
+        if self.ret is not None:
+            tokens.append(self.ret(ret))
         return self.norm(torch.stack(tokens, 1))
 
 
@@ -267,7 +281,11 @@ class AnchoredDiffusionPolicy(PolicyBase):
         self.add_obs_action_normalizers()
         self.register_buffer("anchors", torch.zeros(c.num_anchors, c.chunk, spec.act_dim))
         self.register_buffer("t_trunc", torch.tensor(float(c.truncation or 0.05)))
-        self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width, c.activation)
+        if c.return_conditioned:  # condition = rtg / return_scale; default ask: 0.9 x the data's max
+            self.register_buffer("return_scale", torch.ones(()))
+            self.register_buffer("default_return", torch.ones(()))
+        self.encoder = ObservationEncoder(spec.obs_dim, spec.goal_dim, c.width, c.activation,
+                                          returns=c.return_conditioned)
         self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages, activation=c.activation)
         self._grid_cache: tuple | None = None
 
@@ -277,6 +295,10 @@ class AnchoredDiffusionPolicy(PolicyBase):
         """Fit the normalizers, the K anchors and (if not given) the truncation level."""
         policy = cls(config, SpaceSpec.from_dataset(dataset))
         policy.fit_obs_action_normalizers(dataset)
+        if config.return_conditioned:
+            rtg = discounted_returns(dataset.rewards, dataset.episode_ends, config.discount)
+            policy.return_scale.fill_(float(np.abs(rtg).max()) or 1.0)
+            policy.default_return.fill_(0.9 * float(rtg.max()) / float(policy.return_scale))
         windows = policy._windows(dataset)
         rng = np.random.default_rng(config.seed)
         n = len(windows)
@@ -318,24 +340,41 @@ class AnchoredDiffusionPolicy(PolicyBase):
     def _windows(self, dataset):
         """Chunks of H_a actions that lie inside one episode (with its goal hold), with the
         observation before them: the training windows, also those the anchors are fitted on."""
-        return self.action_chunk_windows(dataset, self.config.chunk, pad=self.config.pad, hold=self.config.hold)
+        c = self.config
+        return self.action_chunk_windows(dataset, c.chunk, pad=c.pad, hold=c.hold,
+                                         discount=c.discount if c.return_conditioned else None)
 
     def batches(self, dataset, batch_size: int):
-        return self.action_chunk_batches(dataset, self.config.chunk, batch_size, pad=self.config.pad,
-                                         hold=self.config.hold)
+        c = self.config
+        return self.action_chunk_batches(dataset, c.chunk, batch_size, pad=c.pad, hold=c.hold,
+                                         discount=c.discount if c.return_conditioned else None)
 
-    def context(self, obs: torch.Tensor, goal: torch.Tensor | None) -> list:
-        """Raw observations (B, obs_dim), goals (B, goal_dim)|None -> per-stage keys/values."""
+    def return_condition(self, obs: torch.Tensor, rtg: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, 1) scaled return condition: ``rtg`` (B,)|(B, 1) raw if given (training), else the
+        requested ``config.target_return`` (acting); None for policies without it."""
+        if not self.config.return_conditioned:
+            return None
+        if rtg is None:
+            target = self.config.target_return
+            value = self.default_return if target is None else torch.tensor(target / float(self.return_scale))
+            return value.to(obs.device, obs.dtype).expand(obs.shape[0], 1)
+        return (rtg.reshape(-1, 1) / self.return_scale).to(obs.dtype)
+
+    def context(self, obs: torch.Tensor, goal: torch.Tensor | None, rtg: torch.Tensor | None = None) -> list:
+        """Raw observations (B, obs_dim), goals (B, goal_dim)|None, raw returns-to-go (B,)|None
+        (None: the target return) -> per-stage keys/values."""
         o = self.obs_normalizer.normalize(obs)
         g = None if goal is None or self.goal_normalizer is None else self.goal_normalizer.normalize(goal)
-        ctx = self.encoder(o, g)
+        ctx = self.encoder(o, g, self.return_condition(obs, rtg))
         return [stage.keys_values(ctx) for stage in self.net.stages]
 
     def loss(self, batch):
         c = self.config
         target = self.action_normalizer.normalize(batch["actions"])  # (B, H, D)
         b = target.shape[0]
-        kvs = self.context(batch["obs"], batch.get("goal"))
+        if self.config.return_conditioned and "rtg" not in batch:
+            raise KeyError("a return-conditioned anchored policy trains on batches with 'rtg' (returns-to-go)")
+        kvs = self.context(batch["obs"], batch.get("goal"), batch.get("rtg"))
         positive = nearest_anchor(target, self.anchors)  # (B,)
         t = torch.rand(b, device=target.device) * self.t_trunc  # truncated: t ~ U(0, t_trunc)
         alpha, sigma = self.schedule.alpha(t)[:, None, None, None], self.schedule.sigma(t)[:, None, None, None]

@@ -337,14 +337,17 @@ class PolicyBase(nn.Module):
             self.goal_normalizer.fit(dataset.goals)
         self.action_normalizer.fit(dataset.actions)
 
-    def action_chunk_windows(self, dataset, chunk: int, pad: bool = False, hold: GoalHoldConfig | None = None):
+    def action_chunk_windows(self, dataset, chunk: int, pad: bool = False, hold: GoalHoldConfig | None = None,
+                             discount: float | None = None):
         """`SequenceWindows` of ``chunk`` consecutive actions inside one episode with the observation
-        before them, over the dataset extended by ``hold`` (see :func:`goal_hold_dataset`)."""
+        before them, over the dataset extended by ``hold`` (see :func:`goal_hold_dataset`); with
+        ``discount``, also the discounted returns-to-go."""
         from diffplan.data import SequenceWindows
 
         data = self.held_dataset(dataset, hold)
         return SequenceWindows(data, chunk, keys=("observations", "actions"), pad=pad,
-                               goal=bool(self.spec.goal_dim) and data.goals is not None)
+                               goal=bool(self.spec.goal_dim) and data.goals is not None,
+                               returns_to_go=discount is not None, discount=discount or 0.99)
 
     def held_dataset(self, dataset, hold: GoalHoldConfig | None):
         """``dataset`` with its goal-hold continuations (cached: anchors and batches share it)."""
@@ -358,18 +361,21 @@ class PolicyBase(nn.Module):
         return held
 
     def action_chunk_batches(self, dataset, chunk: int, batch_size: int, pad: bool = False,
-                             hold: GoalHoldConfig | None = None):
+                             hold: GoalHoldConfig | None = None, discount: float | None = None):
         """Trainer batches of ``chunk`` consecutive actions inside one episode with the observation
         (and goal) at the chunk's first step: ``{"obs", "actions", ["goal"]}``. With ``hold``, the
         episodes that end on their goal continue with a synthesized arrival and hold at the goal
-        (:func:`goal_hold_dataset`), so "at the goal: brake and stay" is in the data."""
-        windows = self.action_chunk_windows(dataset, chunk, pad=pad, hold=hold)
+        (:func:`goal_hold_dataset`), so "at the goal: brake and stay" is in the data. With
+        ``discount``, ``"rtg"`` (B,) is the discounted return-to-go at the chunk's first step."""
+        windows = self.action_chunk_windows(dataset, chunk, pad=pad, hold=hold, discount=discount)
 
         def sample_batch(step: int, rng: np.random.Generator) -> dict:
             w = windows.sample(batch_size, rng)
             out = {"obs": w["observations"][:, 0], "actions": w["actions"]}
             if "goal" in w:
                 out["goal"] = w["goal"]
+            if "returns_to_go" in w:
+                out["rtg"] = w["returns_to_go"][:, 0, 0]
             return out
 
         return sample_batch
