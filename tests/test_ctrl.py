@@ -96,7 +96,8 @@ def _mixture(n, generator=None):
     return (centre + 0.2 * torch.randn(n, 2, generator=generator))[:, None, :], comp
 
 
-def test_ctrl_moves_a_two_mode_mixture_into_the_requested_mode():
+@pytest.mark.parametrize("no_grad_early", [False, True])
+def test_ctrl_moves_a_two_mode_mixture_into_the_requested_mode(no_grad_early):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     net = MLPDenoiser(2, 1, hidden=64, depth=2, emb_dim=16)
@@ -117,7 +118,7 @@ def test_ctrl_moves_a_two_mode_mixture_into_the_requested_mode():
     for _ in range(80):
         yb = torch.randint(0, 2, (64,), generator=g)
         loss, _ = ctrl_loss(adapted, clf, SCHEDULE, "x0", torch.randn(64, 1, 2, generator=g), yb, 2,
-                               steps=6, alpha=0.1, truncate=True, generator=g)
+                               steps=6, alpha=0.1, truncate=True, generator=g, no_grad_early=no_grad_early)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(adapted.adapter_parameters(), 5.0)

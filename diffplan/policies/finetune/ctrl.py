@@ -20,10 +20,11 @@ What it trains
        denoiser conditioned on the label). At init it is bit-identical to the pretrained net;
        with ``cond=None`` it *is* the pretrained net (the frozen reference, no copy needed).
     3. The finetuning loss (``CTRLPlanner.loss``, run by the shared Trainer): K steps of DDIM with
-       eta=1 (= DDPM posterior sampling) of the adapted model, with the reference evaluated on the
-       same ``x_t`` at every step; the inpainted current state is applied identically to both.
-       Gradients flow through the chain from a random step on (earlier steps are detached:
-       truncated backprop) and the trainer clips the gradient norm. With ``grad_steps = k > 0``
+       eta=1 (= DDPM posterior sampling; K = ``finetune_steps``, by default the planning ``steps``) of
+       the adapted model, with the reference evaluated on the same ``x_t`` at every step; the
+       inpainted current state is applied identically to both. Gradients flow through the chain
+       from a random step on (earlier steps are detached: truncated backprop; with
+       ``no_grad_early`` they run as below) and the trainer clips the gradient norm. With ``grad_steps = k > 0``
        (DRaFT-K, Clark et al. 2024) only the last k steps carry the reward gradient: the earlier
        ones run under ``no_grad`` without the reference, and their KL enters through one of them
        drawn at random (an unbiased estimate of their KL and of its direct gradient), so an update
