@@ -9,8 +9,8 @@ same base architecture, sampler (10 DDIM steps, eta=1) and PD tracking:
 * ``classifier_guidance``: the base model plus ``grad_x log p_hat(y | x_t)`` of the clean-window
   classifier CTRL uses (plain classifier guidance: the classifier never saw noise);
 * ``cfg``: a label-conditioned U-Net of the same size trained from scratch with classifier-free
-  guidance (label dropout 0.2, guidance weight ``--cfg-w``) for ``--cfg-steps`` steps (default:
-  about CTRL's finetuning wall time on this machine, i.e. the same extra compute);
+  guidance (label dropout 0.2, guidance weight ``--cfg-w``) for ``--cfg-steps`` steps (the RESULTS.md
+  rows: 800 steps, 42 CPU s, i.e. about 10% of the base's pretraining);
 * ``ctrl``: the finetuned adapter (``configs/ctrl/pointmaze-umaze.yaml``).
 
 Stages (each reuses the previous outputs under ``runs/``)::
