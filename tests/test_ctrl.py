@@ -156,6 +156,17 @@ def ctrl_policy():
     return CTRLPlanner.from_pretrained(base, data, cfg), base, data
 
 
+def test_from_pretrained_is_reproducible_whatever_the_global_rng(ctrl_policy):
+    _, base, data = ctrl_policy
+    cfg = CTRLConfig(steps=3, classifier_steps=5, classifier_windows=500, side_hidden=16, side_depth=1)
+    torch.manual_seed(1)
+    a = CTRLPlanner.from_pretrained(base, data, cfg)
+    torch.manual_seed(2)
+    b = CTRLPlanner.from_pretrained(base, data, cfg)
+    for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(pa, pb), name
+
+
 def _obs(batch=2):
     from diffplan.envs import get_task
 

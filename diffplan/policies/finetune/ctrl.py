@@ -402,7 +402,9 @@ class CTRLPlanner(PolicyBase):
             config.label_names = maze_label_names(spec.task)
         else:
             config.label_names = tuple(f"b{i}" for i in range(config.n_buckets - 1)) + ("top",)
-        policy = cls(config, spec)
+        with torch.random.fork_rng(devices=[]):  # the classifier's and side net's init: same config, same weights
+            torch.manual_seed(0)
+            policy = cls(config, spec)
         policy.normalizer.load_state_dict(base.normalizer.state_dict())
         missing, unexpected = policy.net.net.load_state_dict(_adapted_keys(base.net.state_dict()), strict=False)
         if unexpected or missing != ["embed.weight"]:
