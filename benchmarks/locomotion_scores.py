@@ -19,6 +19,7 @@ Three parts, each optional:
     python benchmarks/locomotion_scores.py --datasets --families hopper      # cached or made
     python benchmarks/locomotion_scores.py --datasets --steps 100000 --no-record  # quick, scaled
     python benchmarks/locomotion_scores.py --policies --episodes 10          # shipped checkpoints
+    python benchmarks/locomotion_scores.py --policies --families hopper --kinds medium-expert
 
 Writes ``outputs/benchmarks/locomotion_scores.json``, prints Markdown tables, and appends the
 dataset and policy rows to ``benchmarks/RESULTS.md`` (sections ``locomotion_datasets`` and
@@ -108,11 +109,14 @@ def dataset_rows(steps: int | None, num_envs: int, families, kinds,
 # --------------------------------------------------------------------------------------------
 
 
-def shipped_checkpoints(families, kinds_filter: set[str] | None = None) -> list[Path]:
+def shipped_checkpoints(families, kinds_filter: set[str] | None = None,
+                        dataset_kinds=L.KINDS) -> list[Path]:
     """``checkpoints/<family>-<kind>/<policy>/`` folders with weights, BC first per task."""
     out = []
     for fam in families:
         for task_dir in sorted(ROOT.glob(f"checkpoints/{fam}-*")):
+            if task_dir.name not in {f"{fam}-{k}" for k in dataset_kinds}:
+                continue
             folders = sorted(p.parent for p in task_dir.glob("*/model.safetensors"))
             folders.sort(key=lambda p: (p.name != "bc", p.name))
             out += [f for f in folders if not kinds_filter or f.name in kinds_filter
@@ -240,7 +244,7 @@ def main(argv=None) -> None:
             _record_datasets(rows)
     if a.policies:
         kinds = set(filter(None, a.policy_kinds.split(","))) or None
-        folders = shipped_checkpoints(a.families, kinds)
+        folders = shipped_checkpoints(a.families, kinds, a.kinds)
         rows = policy_rows(folders, a.episodes, a.eval_envs, a.seed, a.write_metrics)
         result["policies"] = rows
         print()
