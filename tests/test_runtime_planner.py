@@ -154,3 +154,25 @@ def test_planner_runs_on_cuda():
 def test_unknown_inference_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype"):
         PlannerConfig(dtype="float8")
+
+
+class CandidatePolicy(CountingPolicy):
+    """Plans n candidates per env: the runtime must hand it (B, n, H, D) noise."""
+
+    noise_samples = 3
+
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+        self.calls.append({"noise": noise.clone()})
+        return noise[:, 0] + obs[:, None, :1]
+
+
+def test_candidate_noise_comes_from_each_envs_own_generator():
+    policy = CandidatePolicy()
+    planner = Planner(policy, PlannerConfig(seed=0))
+    planner.act(torch.zeros(2, 2))
+    noise = policy.calls[-1]["noise"]
+    assert noise.shape == (2, 3, 8, 2)
+    for i in range(2):  # env i's generator is seeded seed + i and draws all its candidates
+        expected = torch.randn(3, 8, 2, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(noise[i], expected)
+    assert not torch.equal(noise[0, 0], noise[0, 1])

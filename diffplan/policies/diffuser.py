@@ -17,15 +17,22 @@ How it acts
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 
-from diffplan.data import LimitsNormalizer, GaussianNormalizer, SequenceWindows
-from diffplan.diffusion import Constraints, Schedule, ValueGuidance, diffusion_loss, make_denoiser, sample
+from diffplan.data import GaussianNormalizer, LimitsNormalizer, SequenceWindows
+from diffplan.diffusion import (
+    Constraints,
+    Schedule,
+    ValueGuidance,
+    diffusion_loss,
+    make_denoiser,
+    noise_level,
+    sample,
+)
 from diffplan.nn import TemporalUNet
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
@@ -170,16 +177,23 @@ class DiffuserPlanner(PolicyBase):
         goal = goal if self.config.inpaint_goal else None
         return plan_constraints(self.normalizer, obs, goal, self.config.horizon, self.obs_dim)
 
+    @property
+    def noise_samples(self) -> int:
+        """Candidate plans per env (value guidance keeps the best): the runtime draws them all
+        from the env's own noise generator."""
+        return self.config.n_samples if self.value is not None else 1
+
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
-        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D)."""
+        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
+        ``noise_samples = n`` candidates -> normalized plans (B, H, D)."""
         cfg = self.config
         steps = cfg.steps if steps is None else steps
-        n = cfg.n_samples if self.value is not None else 1
+        n = self.noise_samples
         if n > 1:  # value guidance: n candidate plans per env, keep the best
-            obs, noise = obs.repeat_interleave(n, 0), _more_noise(noise, n)
+            obs, noise = obs.repeat_interleave(n, 0), _candidates(noise, n)
             goal = None if goal is None else goal.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
-        a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
+        a, s = noise_level(self.schedule, t_start)  # cached floats
         x_init = noise * s if warm is None else a * warm + s * noise
         denoise = make_denoiser(self.inference_net(), self.schedule, cfg.objective)
         guidance = None
@@ -267,16 +281,13 @@ def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch
     return kp * (wp[:, :k] - obs[:, :k]) + kd * (wp[:, k: 2 * k] - obs[:, k: 2 * k])
 
 
-def _more_noise(noise: torch.Tensor, n: int) -> torch.Tensor:
-    """Expand per-env noise (B, H, D) to n candidates per env, the first equal to the given noise.
-
-    The other n-1 come from a generator seeded by the env's own noise, so they are as
-    reproducible as the planner's per-env noise (``reset(seed=...)``) and do not depend on the
-    global torch RNG or on the other envs of the batch."""
-    extra = []
-    for row in noise.detach().float().cpu():
-        digest = hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
-        extra.append(torch.randn((n - 1,) + tuple(row.shape), generator=g))
-    extra = torch.stack(extra).to(device=noise.device, dtype=noise.dtype)
+def _candidates(noise: torch.Tensor, n: int) -> torch.Tensor:
+    """Noise of n candidate plans per env, flattened to (B n, H, D). ``noise`` is (B, n, H, D)
+    (the planner draws it from each env's generator) or (B, H, D): then it is the first
+    candidate and the other n-1 come from the global torch RNG."""
+    if noise.dim() == 4:
+        if noise.shape[1] != n:
+            raise ValueError(f"noise has {noise.shape[1]} candidates per env, the config asks for n_samples={n}")
+        return noise.flatten(0, 1)
+    extra = torch.randn((noise.shape[0], n - 1) + noise.shape[1:], device=noise.device, dtype=noise.dtype)
     return torch.cat([noise[:, None], extra], 1).flatten(0, 1)

@@ -29,11 +29,14 @@ class Plannable(Protocol):
 
     plan_shape: tuple[int, int]  # (H, D) of one plan
     default_steps: int  # solver steps of a cold plan
+    # Optional ``noise_samples: int`` (default 1): candidate plans per env. With n > 1 the planner
+    # passes noise (B, n, H, D), every candidate drawn from its env's own generator.
 
     def plan(self, obs: torch.Tensor, goal: torch.Tensor | None, noise: torch.Tensor, *,
              warm: torch.Tensor | None = None, t_start: float = 1.0,
              steps: int | None = None) -> torch.Tensor:
-        """obs: (B, obs_dim) normalized or raw as the policy likes; noise: (B, H, D) standard normal.
+        """obs: (B, obs_dim) normalized or raw as the policy likes; noise: (B, H, D) standard normal
+        ((B, n, H, D) for a policy with ``noise_samples = n > 1``).
         warm: (B, H, D) previous plan shifted to the present, to be noised to ``t_start``.
         Returns plans (B, H, D)."""
 
@@ -179,9 +182,14 @@ class Planner:
         self.last_steps = max(self.last_steps, steps)
         self.num_plans += 1
 
+    def _noise_shape(self) -> tuple[int, ...]:
+        """One env's noise: (H, D), or (n, H, D) for a policy planning n candidates per env."""
+        n = getattr(self.policy, "noise_samples", 1)
+        return tuple(self.policy.plan_shape) if n == 1 else (n, *self.policy.plan_shape)
+
     def _noise(self, rows: np.ndarray, device, dtype) -> torch.Tensor:
-        h, d = self.policy.plan_shape
-        eps = torch.stack([torch.randn(h, d, generator=self._generators[i]) for i in rows])
+        shape = self._noise_shape()
+        eps = torch.stack([torch.randn(shape, generator=self._generators[i]) for i in rows])
         return eps.to(device=device, dtype=dtype)
 
     # ---------------------------------------------------------------- latency budget
@@ -209,11 +217,11 @@ class Planner:
         rows = np.arange(batch) % obs.shape[0]
         o = obs[torch.as_tensor(rows, device=obs.device)]
         g = None if goal is None else goal[torch.as_tensor(rows, device=goal.device)]
-        h, d = self.policy.plan_shape
-        noise = torch.randn(batch, h, d, device=obs.device, dtype=obs.dtype)
+        noise = torch.randn(batch, *self._noise_shape(), device=obs.device, dtype=obs.dtype)
         kwargs = {}
         if warm:
-            kwargs = dict(warm=torch.zeros_like(noise), t_start=self.config.t_warm)
+            kwargs = dict(warm=torch.zeros(batch, *self.policy.plan_shape, device=obs.device, dtype=obs.dtype),
+                          t_start=self.config.t_warm)
 
         def timed(steps: int) -> float:
             out = []

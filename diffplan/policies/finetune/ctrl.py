@@ -58,6 +58,7 @@ from diffplan.diffusion import (
     Constraints,
     ValueGuidance,
     make_denoiser,
+    noise_level,
     sample,
     time_grid,
 )
@@ -527,7 +528,7 @@ class CTRLPlanner(PolicyBase):
         if labels is None:
             labels = self.target_labels(cfg.target if self._target is None else self._target, obs.shape[0], goal)
         cond = F.one_hot(labels, self.n_labels).to(noise.dtype)
-        a, s = self.schedule.alpha(torch.tensor(t_start)), self.schedule.sigma(torch.tensor(t_start))
+        a, s = noise_level(self.schedule, t_start)  # cached floats
         x_init = noise * s if warm is None else a * warm + s * noise
         objective = cfg.base.objective
         guidance = None
