@@ -18,7 +18,12 @@ What it trains (one ``loss``, the three parts logged separately, one checkpoint)
       inpainting (first state; last state for goal tasks) and the condition ``c`` given through
       classifier-free guidance: ``c`` is replaced by the null condition with probability
       ``cond_dropout`` during training (the paper drops the return with p = 0.5).
-    * Inverse dynamics (Decision Diffuser): an MLP ``(s_t, s_t+1) -> a_t``.
+    * Inverse dynamics (Decision Diffuser): an MLP ``(s_t, s_t+1) -> a_t``. It learns from the
+      recorded windows (``inverse_input: data``) or, once a refiner is trained and frozen, from
+      the same windows after the refinement plans get (``inverse_input: refined``). The second
+      matters where one step moves the state little: on hopper the normalized ``s_t+1 - s_t`` is
+      about 0.2 RMS, so the 0.03-0.04 RMS a low-noise refinement leaves on ``s_1`` is a large
+      error for an inverse model that has only seen exact pairs.
 
 How it acts
     ``plan`` drafts ``H-1`` states from the current state with a KV cache, imposes the current
@@ -119,6 +124,9 @@ class TrajectoryDiffuserConfig:
     inverse_weight: float = 1.0
     inverse_hidden: int = 256
     inverse_pairs: int = 16  # (s_t, s_t+1) pairs drawn per training window for the inverse dynamics
+    # what the inverse dynamics learns from: "data" (recorded windows, Decision Diffuser) or
+    # "refined" (the same windows passed through this policy's frozen refinement first, as plans are)
+    inverse_input: str = "data"
     # data and conditioning
     normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
     pad: bool = True  # windows past an episode end (mazes: rest at [goal, 0, ...])
@@ -161,6 +169,11 @@ class TrajectoryDiffuserConfig:
             raise ValueError("distill_from trains the refiner: add 'refiner' to train_parts")
         if not math.isfinite(self.distill_w) or self.distill_w < 0:
             raise ValueError(f"distill_w must be a finite number >= 0, got {self.distill_w}")
+        if self.inverse_input not in ("data", "refined"):
+            raise ValueError(f"inverse_input must be 'data' or 'refined', got {self.inverse_input!r}")
+        if self.inverse_input == "refined" and "refiner" in self.train_parts:
+            raise ValueError("inverse_input: refined needs a trained, frozen refiner: train the refiner first, "
+                             "then the inverse dynamics alone (train_parts: [inverse], init_from: <that checkpoint>)")
 
 
 class InverseDynamics(nn.Module):
@@ -310,11 +323,21 @@ class TrajectoryDiffuser(PolicyBase):
             rows = torch.arange(b, device=x0.device)[:, None]
             a = self.action_normalizer.normalize(batch["actions"][rows, i])
             both_real = batch["mask"][rows, i + 1]  # (s_t, s_t+1) both recorded, not padding
-            err = (self.inverse(x0[rows, i], x0[rows, i + 1]) - a).pow(2).mean(-1)
+            s = self.refined_windows(x0, cond) if cfg.inverse_input == "refined" else x0
+            err = (self.inverse(s[rows, i], s[rows, i + 1]) - a).pow(2).mean(-1)
             loss = (err * both_real).sum() / both_real.sum().clamp(min=1)
             logs["inverse"] = loss.detach()
             total = total + cfg.inverse_weight * loss
         return total, logs
+
+    @torch.no_grad()
+    def refined_windows(self, x0n: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Normalized data windows after the refinement a plan gets (``refine_steps`` from
+        ``t_start``, noised first unless ``noise_draft`` is off), with the window's own start
+        (and goal) imposed: what ``inverse_input: refined`` trains the inverse dynamics on."""
+        cfg = self.config
+        return self.refine(x0n, cond, window_constraints(x0n, self.obs_dim, self.goal_task), torch.randn_like(x0n),
+                           t_start=cfg.t_start, steps=cfg.refine_steps, noised=cfg.noise_draft)
 
     def _distill_loss(self, x0n, t, net_cond, keep, constraints) -> torch.Tensor:
         """Guidance distillation (Meng et al. 2023, stage one at a fixed w): on the refiner's own
@@ -419,14 +442,21 @@ class TrajectoryDiffuser(PolicyBase):
         cond = self.condition(obs, goal)
         constraints = self.constraints(obs, goal)
         x = constraints.apply(self.draft(obs, cond) if warm is None else warm)
+        return self.refine(x, cond, constraints, noise, t_start=t_start, steps=steps,
+                           noised=cfg.noise_draft or warm is not None)
+
+    def refine(self, x, cond, constraints, noise, *, t_start: float, steps: int, noised: bool = True):
+        """``steps`` solver steps on the normalized trajectories ``x`` (B, H, D), constrained, from
+        ``t_start``: ``x`` is noised to ``t_start`` first when ``noised`` (replaced by noise at
+        ``t_start = 1``). ``steps = 0`` returns ``x``."""
         if steps == 0:
             return x
         alpha, sigma = noise_level(self.schedule, t_start)
         if t_start >= 1.0:  # a full chain: start from pure noise, as a cold Diffuser plan does
             x = sigma * noise
-        elif cfg.noise_draft or warm is not None:
+        elif noised:
             x = torch.add(alpha * x, noise, alpha=sigma)
-        return sample(self.denoiser(cond), x, schedule=self.schedule, solver=cfg.solver, steps=steps,
+        return sample(self.denoiser(cond), x, schedule=self.schedule, solver=self.config.solver, steps=steps,
                       t_start=t_start, constraints=constraints, noise_prior=False)
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
