@@ -119,3 +119,26 @@ def test_value_guided_plans_are_reproducible_per_env_whatever_the_batch(diffuser
     diffuser.reset(seed=6)  # env 1 of a batch seeded 5 gets seed 6, as a single env here
     single = diffuser.act(obs[1:2])
     np.testing.assert_allclose(single[0], first[1], atol=1e-5)
+
+
+def test_temperature_scales_the_start_noise_and_zero_plans_deterministically(diffuser):
+    obs = torch.as_tensor(_obs(4))
+    g = torch.Generator().manual_seed(2)
+    n1, n2 = (torch.randn(4, *diffuser.plan_shape, generator=g) for _ in range(2))
+    cfg = diffuser.config
+    old = (cfg.n_samples, cfg.guide_scale, cfg.temperature)
+    try:
+        with torch.inference_mode():
+            cfg.n_samples, cfg.guide_scale = 1, 0.0
+            cfg.temperature = 0.5
+            half = diffuser.plan(obs, None, n1)
+            cfg.temperature = 1.0
+            torch.testing.assert_close(half, diffuser.plan(obs, None, 0.5 * n1))
+            assert (diffuser.plan(obs, None, n2) - diffuser.plan(obs, None, n1)).abs().max() > 1e-2
+            cfg.temperature, cfg.n_samples, cfg.guide_scale = 0.0, 8, 0.1  # value guidance on
+            assert diffuser.noise_samples == 1  # equal candidates are not planned 8 times
+            torch.testing.assert_close(diffuser.plan(obs, None, n1), diffuser.plan(obs, None, n2))
+    finally:
+        cfg.n_samples, cfg.guide_scale, cfg.temperature = old
+    with pytest.raises(ValueError, match="temperature"):
+        type(cfg)(temperature=-0.1)

@@ -17,6 +17,8 @@ How it acts
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +67,10 @@ class DiffuserConfig:
     guide_scale: float = 0.1
     n_guide_steps: int = 2
     t_stopgrad: float = 0.1
+    # scale of the noise a plan starts from (DDIM's only noise). 1 samples the data's behavior,
+    # exploration noise included; < 1 moves toward its typical plan; 0 plans deterministically
+    # from the zero start (one candidate then, since all would be equal)
+    temperature: float = 1.0
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -74,6 +80,8 @@ class DiffuserConfig:
             raise ValueError(f"action_mode must be 'pd' or 'plan', got {self.action_mode!r}")
         if self.action_mode == "plan" and not self.with_actions:
             raise ValueError("action_mode='plan' needs with_actions=True (actions must be in the plan)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
 
 class ValueNet(nn.Module):
@@ -181,7 +189,7 @@ class DiffuserPlanner(PolicyBase):
     def noise_samples(self) -> int:
         """Candidate plans per env (value guidance keeps the best): the runtime draws them all
         from the env's own noise generator."""
-        return self.config.n_samples if self.value is not None else 1
+        return self.config.n_samples if self.value is not None and self.config.temperature > 0 else 1
 
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
@@ -194,6 +202,7 @@ class DiffuserPlanner(PolicyBase):
             goal = None if goal is None else goal.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
         a, s = noise_level(self.schedule, t_start)  # cached floats
+        s = s * cfg.temperature
         x_init = noise * s if warm is None else a * warm + s * noise
         denoise = make_denoiser(self.inference_net(), self.schedule, cfg.objective)
         guidance = None
