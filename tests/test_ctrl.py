@@ -343,3 +343,89 @@ def test_finetune_steps_sets_the_chain_length_of_the_loss_but_not_of_the_plans(c
         CTRLConfig(finetune_steps=-1)
     with pytest.raises(ValueError, match="grad_steps"):
         CTRLConfig(steps=10, finetune_steps=3, grad_steps=4)
+
+
+def test_target_label_sampling_asks_for_the_goal_cell_in_that_fraction_of_each_batch(ctrl_policy):
+    import dataclasses
+
+    policy, _, data = ctrl_policy
+    n = 4000
+    data_y = policy.batches(data, n)(0, np.random.default_rng(0))["y"]
+    mixed = copy.copy(policy)
+    mixed.config = dataclasses.replace(policy.config, label_sampling="target", target_fraction=0.25, target="goal")
+    assert mixed.training_target() == 0  # r1c1: the umaze eval goal cell
+    b = mixed.batches(data, n)(0, np.random.default_rng(0))
+    y = b["y"]
+    changed = y != data_y  # same windows and data labels; some of them now ask for the goal cell
+    assert (y[changed] == 0).all()
+    base_goal = (data_y == 0).mean()
+    assert base_goal < 0.5
+    # P(goal) = f + (1 - f) * P_data(goal), f = 0.25
+    assert abs((y == 0).mean() - (0.25 + 0.75 * base_goal)) < 0.03
+    mixed.config = dataclasses.replace(mixed.config, target="r2c3", target_fraction=1.0)
+    assert (mixed.batches(data, 64)(0, np.random.default_rng(1))["y"] == 3).all()
+
+
+def test_reward_temperature_softens_the_classifier_reward():
+    _, adapted = _adapted_unet()
+    classifier = LabelClassifier(8, 4, 3, hidden=16).requires_grad_(False)
+    torch.nn.init.normal_(classifier.net[-1].weight, std=3.0)  # a confident classifier
+    x_T, y = torch.randn(6, 8, 4), torch.tensor([0, 1, 2, 0, 1, 2])
+    log_p = {}
+    for temperature in (1.0, 1e6):
+        _, logs = ctrl_loss(adapted, classifier, SCHEDULE, "x0", x_T, y, 3, steps=3, alpha=0.0, truncate=False,
+                            generator=torch.Generator().manual_seed(0), reward_temperature=temperature)
+        log_p[temperature] = logs["log_p"].item()
+    assert log_p[1e6] == pytest.approx(-np.log(3), abs=1e-4)  # an infinitely soft classifier: uniform
+    assert abs(log_p[1.0] - log_p[1e6]) > 0.05
+    with pytest.raises(ValueError, match="reward_temperature must be"):
+        CTRLConfig(reward_temperature=0.0)
+
+
+def test_label_sampling_options_are_validated():
+    with pytest.raises(ValueError, match="label_sampling must be one of"):
+        CTRLConfig(label_sampling="goal")
+    with pytest.raises(ValueError, match="target_fraction must be in"):
+        CTRLConfig(label_sampling="target", target_fraction=1.5)
+
+
+def test_target_starts_reaching_draws_starts_from_windows_that_end_in_the_target(ctrl_policy):
+    import dataclasses
+
+    from diffplan.policies.finetune.ctrl import end_cell_labels
+
+    policy, _, data = ctrl_policy
+    n = 512
+    mixed = copy.copy(policy)
+    near = {}
+    for starts in ("any", "reaching"):
+        mixed.config = dataclasses.replace(policy.config, label_sampling="target", target_fraction=1.0,
+                                           target_starts=starts)
+        b = mixed.batches(data, n)(0, np.random.default_rng(0))
+        assert (b["y"] == 0).all()  # r1c1, the umaze eval goal cell
+        near[starts] = np.isin(end_cell_labels(TASK, b["start"][:, :2]), [0, 1]).mean()  # start in r1c1 or r1c2
+    # windows of H = 8 steps that end in r1c1 start in it or next to it; data starts are anywhere
+    assert near["reaching"] > 0.95
+    assert near["any"] < 0.6
+    with pytest.raises(ValueError, match="target_starts must be"):
+        CTRLConfig(label_sampling="target", target_starts="near")
+
+
+def test_rest_fraction_puts_that_fraction_of_the_target_rows_at_rest(ctrl_policy):
+    import dataclasses
+
+    policy, _, data = ctrl_policy
+    n = 2000
+    mixed = copy.copy(policy)
+    mixed.config = dataclasses.replace(policy.config, label_sampling="target", target_fraction=0.5)
+    moving = mixed.batches(data, n)(0, np.random.default_rng(0))
+    mixed.config = dataclasses.replace(mixed.config, rest_fraction=0.5)
+    b = mixed.batches(data, n)(0, np.random.default_rng(0))
+    np.testing.assert_array_equal(b["y"], moving["y"])
+    np.testing.assert_array_equal(b["start"][:, :2], moving["start"][:, :2])  # same positions
+    ask = b["y"] == 0
+    rest = (b["start"][:, 2:] == 0).all(1) & (moving["start"][:, 2:] != 0).any(1)
+    assert not (rest & ~ask).any()  # only rows asking for the target are put at rest
+    assert abs(rest.sum() / ask.sum() - 0.5) < 0.08
+    with pytest.raises(ValueError, match="rest_fraction needs a maze"):
+        CTRLConfig(label_kind="return_bucket", label_sampling="target", rest_fraction=0.5)

@@ -76,6 +76,7 @@ from diffplan.runtime.planner import PlannerConfig
 
 LABEL_KINDS = ("end_cell", "return_bucket")
 SAMPLERS = ("ctrl", "pretrained", "classifier_guidance")
+LABEL_SAMPLINGS = ("data", "uniform", "target")
 
 
 @dataclass
@@ -93,7 +94,15 @@ class CTRLConfig:
     truncate: bool = True  # backprop through the chain from a random step on (when grad_steps is 0)
     grad_steps: int = 0  # > 0: backprop only through the last grad_steps steps, earlier ones without grad (DRaFT-K)
     no_grad_early: bool = False  # steps before the truncation point without grad, their KL from one drawn step
-    label_sampling: str = "data"  # "data": (start, label) of the same data window; "uniform": any label
+    label_sampling: str = "data"  # "data": (start, label) of the same data window; "uniform": any label;
+    # "target": a fraction ``target_fraction`` of each batch asks for the label ``target`` names (the one the
+    # policy will be asked for; "goal": the maze task's eval goal cell) from data starts, the rest as "data"
+    target_fraction: float = 0.5
+    target_starts: str = "any"  # "any": any data start; "reaching": starts of data windows that end in that label
+    rest_fraction: float = 0.0  # of those target rows, this fraction starts at rest (mazes: the start's velocity
+    # zeroed), as an eval episode starts and as the planner is when it holds still at the goal
+    reward_temperature: float = 1.0  # reward log p_hat with the calibrated logits divided by this (> 1: a softer
+    # classifier that keeps rewarding plans that end deeper inside the requested label's region)
     side_hidden: int = 128
     side_depth: int = 2
     label_lr_scale: float = 10.0  # reparametrized embedding: Adam moves it this much faster (ref: lr 1e-2 vs 1e-3)
@@ -109,8 +118,18 @@ class CTRLConfig:
             raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {self.label_kind!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
-        if self.label_sampling not in ("data", "uniform"):
-            raise ValueError(f"label_sampling must be 'data' or 'uniform', got {self.label_sampling!r}")
+        if self.label_sampling not in LABEL_SAMPLINGS:
+            raise ValueError(f"label_sampling must be one of {LABEL_SAMPLINGS}, got {self.label_sampling!r}")
+        if not 0.0 <= self.target_fraction <= 1.0:
+            raise ValueError(f"target_fraction must be in [0, 1], got {self.target_fraction}")
+        if self.target_starts not in ("any", "reaching"):
+            raise ValueError(f"target_starts must be 'any' or 'reaching', got {self.target_starts!r}")
+        if not self.reward_temperature > 0:
+            raise ValueError(f"reward_temperature must be > 0, got {self.reward_temperature}")
+        if not 0.0 <= self.rest_fraction <= 1.0:
+            raise ValueError(f"rest_fraction must be in [0, 1], got {self.rest_fraction}")
+        if self.rest_fraction > 0 and self.label_kind != "end_cell":
+            raise ValueError("rest_fraction needs a maze task (end_cell labels: observations are position, velocity)")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if self.finetune_steps < 0:
@@ -309,7 +328,7 @@ def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor
 
 def ctrl_loss(net: AdaptedDenoiser, classifier: LabelClassifier, schedule, objective: str, x_T: torch.Tensor,
               y: torch.Tensor, n_labels: int, steps: int, alpha: float, constraints=None, truncate: bool = True,
-              generator=None, grad_steps: int = 0, no_grad_early: bool = False):
+              generator=None, grad_steps: int = 0, no_grad_early: bool = False, reward_temperature: float = 1.0):
     """``mean(-log p_hat(y | x0)) + alpha * mean(KL)`` of one K-step rollout; returns (loss, logs).
 
     ``grad_steps = k > 0``: backprop only through the last k steps (DRaFT-K, see ``ctrl_rollout``);
@@ -324,9 +343,10 @@ def ctrl_loss(net: AdaptedDenoiser, classifier: LabelClassifier, schedule, objec
     cond = F.one_hot(y, n_labels).to(x_T.dtype)
     x0, kl = ctrl_rollout(net, schedule, objective, x_T, cond, steps, constraints, grad_from, generator,
                           no_grad_early=no_grad_early or grad_steps > 0)
-    log_p = classifier.log_prob(x0, y)
+    logits = classifier.logits(x0)
+    log_p = (logits / reward_temperature).log_softmax(-1).gather(1, y[:, None]).squeeze(1)
     loss = -log_p.mean() + alpha * kl.mean()
-    acc = (classifier.logits(x0).argmax(-1) == y).float().mean()
+    acc = (logits.argmax(-1) == y).float().mean()
     return loss, {"log_p": log_p.mean().detach(), "kl": kl.mean().detach(), "classifier_acc": acc.detach()}
 
 
@@ -457,18 +477,64 @@ class CTRLPlanner(PolicyBase):
         return return_bucket_labels(value, self.bucket_edges.cpu().numpy())
 
     # ------------------------------------------------------------------ finetuning (Trainer)
+    def training_target(self) -> int:
+        """The label ``config.target`` asks for, as finetuning sees it (``label_sampling: target``):
+        ``"goal"`` is the maze task's eval goal cell (the env's goal moves only within that cell)."""
+        target = self.config.target
+        if target == "goal":
+            from diffplan.envs import get_task
+
+            cell = get_task(self.spec.task).extras.get("goal_cell") if self.spec.task else None
+            if self.config.label_kind != "end_cell" or cell is None:
+                raise ValueError("label_sampling 'target' with target 'goal' needs a maze task with a fixed goal "
+                                 "cell (end_cell labels); name the label instead, e.g. target: r1c1")
+            from diffplan.envs.maze import get_maze
+
+            xy = get_maze(self.spec.task).cell_to_xy(*cell)
+            return int(end_cell_labels(self.spec.task, np.asarray(xy, dtype=np.float64)[None])[0])
+        return int(self.target_labels(target, 1, None)[0])
+
     def batches(self, dataset, batch_size: int):
         windows = self._windows(dataset)
-        uniform = self.config.label_sampling == "uniform"
+        sampling = self.config.label_sampling
+        target = self.training_target() if sampling == "target" else None
 
-        def sample_batch(step: int, rng: np.random.Generator) -> dict:
-            b = windows.sample(batch_size, rng)
+        def draw(n: int, rng: np.random.Generator):
+            b = windows.sample(n, rng)
             x = b["observations"]
             if self.config.base.with_actions:
                 x = np.concatenate([x, b["actions"]], -1)
-            y = rng.integers(0, self.n_labels, batch_size) if uniform else self.labels_of(x, b.get("value"))
+            return x, b.get("value")
+
+        def reaching(n: int, rng: np.random.Generator) -> np.ndarray:
+            """Starts (n, D) of data windows whose label is the target."""
+            starts, have = [], 0
+            for _ in range(100):
+                x, value = draw(max(4 * n, 64), rng)
+                x = x[self.labels_of(x, value) == target]
+                starts.append(x[:, 0])
+                have += len(x)
+                if have >= n:
+                    return np.concatenate(starts)[:n]
+            raise ValueError(f"label {self.config.label_names[target]!r} is (almost) never reached in the data: "
+                             "use target_starts 'any'")
+
+        def sample_batch(step: int, rng: np.random.Generator) -> dict:
+            x, value = draw(batch_size, rng)
+            y = rng.integers(0, self.n_labels, batch_size) if sampling == "uniform" else self.labels_of(x, value)
             y = np.where(y < 0, rng.integers(0, self.n_labels, batch_size), y)
-            return {"start": x[:, 0, : self.obs_dim], "y": y}
+            start = x[:, 0]
+            if target is not None:  # this fraction asks for the label the policy will be asked for
+                ask = rng.random(batch_size) < self.config.target_fraction
+                y = np.where(ask, target, y)
+                if self.config.target_starts == "reaching" and ask.any():
+                    start = start.copy()
+                    start[ask] = reaching(int(ask.sum()), rng)
+                if self.config.rest_fraction > 0:
+                    rest = ask & (rng.random(batch_size) < self.config.rest_fraction)
+                    start = start.copy()
+                    start[rest, 2: self.obs_dim] = 0.0  # maze observations: (x, y, vx, vy)
+            return {"start": start[:, : self.obs_dim], "y": y}
 
         return sample_batch
 
@@ -479,7 +545,7 @@ class CTRLPlanner(PolicyBase):
                          batch["y"].long(), self.n_labels, self.config.finetune_steps or self.config.steps,
                          self.config.alpha,
                          self.constraints(start), self.config.truncate, grad_steps=self.config.grad_steps,
-                         no_grad_early=self.config.no_grad_early)
+                         no_grad_early=self.config.no_grad_early, reward_temperature=self.config.reward_temperature)
 
     # ------------------------------------------------------------------ acting
     def set_target(self, target) -> None:
