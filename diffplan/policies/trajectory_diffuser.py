@@ -320,8 +320,6 @@ class TrajectoryDiffuser(PolicyBase):
         if "inverse" in cfg.train_parts:
             b, h = x0.shape[:2]  # a few random pairs per window: neighbouring pairs are near-duplicates
             i = torch.randint(0, h - 1, (b, min(cfg.inverse_pairs, h - 1)), device=x0.device)
-            if cfg.inverse_input == "refined":  # the pair an action is read from: (exact s_0, refined s_1)
-                i = torch.zeros_like(i[:, :1])
             rows = torch.arange(b, device=x0.device)[:, None]
             a = self.action_normalizer.normalize(batch["actions"][rows, i])
             both_real = batch["mask"][rows, i + 1]  # (s_t, s_t+1) both recorded, not padding
