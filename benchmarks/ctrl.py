@@ -301,7 +301,8 @@ def stage_curve(n_starts: int, label: str | None = None):
             labels = (f"{c.target_fraction:g} of each batch asks for {c.target!r} from {c.target_starts} data starts"
                       + (f" ({c.rest_fraction:g} of them at rest)" if c.rest_fraction else "") + ", the rest data labels")
         recipe = ((f"{label}: " if label else "") + f"K={c.finetune_steps or c.steps} (plans {c.steps}), {grad}, "
-                  f"classifier {c.classifier_steps} steps, {labels}, alpha {c.alpha:g}, " + recipe)
+                  f"classifier {c.classifier_steps} steps, {labels}, alpha {c.alpha:g}, "
+                  + (f"reward temperature {c.reward_temperature:g}, " if c.reward_temperature != 1 else "") + recipe)
         rows.append([*stamp(), TASK, recipe, str(step), f"{acc:.2f}", f"{cost:.0f}", f"{100 * cost / pre:.1f}%"])
     append_rows("ctrl: label accuracy vs finetuning compute",
                 "`python benchmarks/ctrl.py --stage curve`: every saved CTRL checkpoint of one run; accuracy on "
