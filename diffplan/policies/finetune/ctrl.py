@@ -29,6 +29,11 @@ What it trains
        ones run under ``no_grad`` without the reference, and their KL enters through one of them
        drawn at random (an unbiased estimate of their KL and of its direct gradient), so an update
        costs about K no-grad forwards plus k + 1 backward passes instead of ~K of each.
+       Which (start, label) pairs it practices: ``label_sampling`` "data" (both from one offline
+       window), "uniform" (any label), or "target": a fraction ``target_fraction`` of each batch asks
+       for the label acting will ask for (``target``; "goal" is the maze's eval goal cell), from any
+       data start or from starts of windows that reach it (``target_starts``), some of them at rest
+       (``rest_fraction``). ``reward_temperature`` softens the classifier's logits in the reward.
 
 How it acts
     Like Diffuser: the current state is inpainted, a plan is sampled with the K-step stochastic
