@@ -16,7 +16,6 @@ Prints a table and appends its rows (date, machine, commit) to the section
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -125,7 +124,7 @@ def main(argv=None):
         print(report.summary(), flush=True)
         if args.write_metrics and queue is None:
             folder = getattr(policy, "checkpoint_path", Path(path))
-            (Path(folder) / "metrics.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            report.write_metrics(folder)
         b1 = decisions_per_s(policy, args.task, 1, args.decisions, args.seed)
         b64 = decisions_per_s(policy, args.task, 64, 64 * max(args.decisions // 64, 64), args.seed)
         shown = Path(path).resolve()

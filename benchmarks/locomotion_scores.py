@@ -124,21 +124,6 @@ def shipped_checkpoints(families, kinds_filter: set[str] | None = None,
     return out
 
 
-def write_metrics_file(folder: Path, metrics: dict) -> bool:
-    """Write ``metrics.json`` unless the one there comes from more episodes (e.g. BC's 50-episode
-    evaluation, when BC is re-run beside a 20-episode policy evaluation). True if written."""
-    path = folder / "metrics.json"
-    try:
-        old = json.loads(path.read_text()).get("episodes", 0)
-    except (OSError, ValueError, AttributeError):
-        old = 0
-    if old > metrics["episodes"]:
-        print(f"{path}: kept (its evaluation has {old} episodes, this one {metrics['episodes']})", flush=True)
-        return False
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
-    return True
-
-
 def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int,
                 write_metrics: bool = False) -> list[dict]:
     import torch
@@ -155,7 +140,8 @@ def policy_rows(folders: list[Path], episodes: int, num_envs: int, seed: int,
                           progress=True)
         print(report.summary(), flush=True)
         if write_metrics:  # what `diffplan eval` writes beside the weights
-            write_metrics_file(folder, report.to_dict())
+            if not report.write_metrics(folder, keep_larger=True):  # e.g. BC's 50 episodes beside a 20-episode run
+                print(f"{folder}/metrics.json kept: it comes from more episodes", flush=True)
         row = {"task": task, "policy": policy.kind, "checkpoint": str(folder.relative_to(ROOT)),
                "episodes": report.episodes, "score": report.normalized_mean,
                "score_se": report.normalized_stderr, "return_mean": report.return_mean,

@@ -206,7 +206,6 @@ def cmd_train(args) -> int:
 def _evaluate(checkpoint: Path, args, out: Path, write_metrics: bool):
     from diffplan.eval import evaluate
     from diffplan.policies import load_policy
-    from diffplan.train.checkpoint import load_checkpoint
 
     policy = load_policy(checkpoint, device=args.device)
     task = policy.spec.task
@@ -216,10 +215,7 @@ def _evaluate(checkpoint: Path, args, out: Path, write_metrics: bool):
                       progress=True)
     report.save(out, video=args.video)
     if write_metrics:
-        folder = Path(getattr(policy, "checkpoint_path", checkpoint))
-        tmp = folder / "metrics.json.tmp"
-        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        tmp.replace(folder / "metrics.json")
+        report.write_metrics(getattr(policy, "checkpoint_path", checkpoint))
     print(report.summary())
     print(f"report: {out / 'report.json'}, picture: {out / 'report.png'}"
           + (f", video: {out / 'episode.gif'}" if args.video else ""))

@@ -55,6 +55,23 @@ class EvalReport:
         d.pop("paths"), d.pop("plans")
         return d
 
+    def write_metrics(self, checkpoint, keep_larger: bool = False) -> bool:
+        """Write this report as ``metrics.json`` beside a checkpoint's weights, atomically.
+        ``keep_larger``: leave a metrics.json that comes from more episodes in place (a policy
+        re-evaluated briefly beside others). Returns whether it was written."""
+        path = Path(checkpoint) / "metrics.json"
+        if keep_larger:
+            try:
+                old = json.loads(path.read_text()).get("episodes", 0)
+            except (OSError, ValueError, AttributeError):
+                old = 0
+            if old > self.episodes:
+                return False
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+        return True
+
     def save(self, out_dir, video: bool = False) -> Path:
         """Write report.json and a PNG (the maze with planned and executed paths, or returns)."""
         from diffplan.eval.plots import plot_report

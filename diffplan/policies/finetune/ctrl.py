@@ -532,12 +532,11 @@ class CTRLPlanner(PolicyBase):
             if target is not None:  # this fraction asks for the label the policy will be asked for
                 ask = rng.random(batch_size) < self.config.target_fraction
                 y = np.where(ask, target, y)
+                start = start.copy()
                 if self.config.target_starts == "reaching" and ask.any():
-                    start = start.copy()
                     start[ask] = reaching(int(ask.sum()), rng)
                 if self.config.rest_fraction > 0:
                     rest = ask & (rng.random(batch_size) < self.config.rest_fraction)
-                    start = start.copy()
                     start[rest, 2: self.obs_dim] = 0.0  # maze observations: (x, y, vx, vy)
             return {"start": start[:, : self.obs_dim], "y": y}
 
