@@ -1,7 +1,8 @@
-"""Sampler overhead, U-Net latency and training throughput on CPU.
+"""Sampler overhead, U-Net latency and training throughput on CPU (or one CUDA device).
 
     python benchmarks/sampler_overhead.py                 # threads 1 and 2, appends to benchmarks/RESULTS.md
     python benchmarks/sampler_overhead.py --threads 1 --quick --no-write
+    python benchmarks/sampler_overhead.py --device cuda   # the same tables on the GPU (eager, synchronized)
 
 1. Sampler overhead at batch 1: ``time(sample(..., steps=N)) / (N * time(one denoiser forward))`` for a
    small MLP denoiser (8-step action chunk, 2-D actions) and a Diffuser-size U-Net (dim 32, mults
@@ -125,11 +126,19 @@ class ReferenceEMA:
 
 
 # --- timing helpers -------------------------------------------------------------------------------
+def _sync() -> None:
+    if torch.get_default_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
 def timed(fn, reps: int = 1) -> tuple[float, float]:
-    """(wall, process-CPU) seconds per call of ``fn`` over ``reps`` calls."""
+    """(wall, process-CPU) seconds per call of ``fn`` over ``reps`` calls; on CUDA the wall clock
+    runs from a synchronized start to a synchronized end."""
+    _sync()
     w0, c0 = time.perf_counter(), time.process_time()
     for _ in range(reps):
         fn()
+    _sync()
     return (time.perf_counter() - w0) / reps, (time.process_time() - c0) / reps
 
 
@@ -245,7 +254,9 @@ TRAINING = ("sampler_overhead: TemporalUNet training steps/s",
 
 
 def rows_for(threads: int, overhead, latency, training):
-    stamp = results.stamp() + [str(threads)]
+    dev = torch.get_default_device()
+    where = str(threads) if dev.type == "cpu" else f"{torch.cuda.get_device_name(dev)}, {threads} thread"
+    stamp = results.stamp() + [where]
     o_rows = []
     for net in dict.fromkeys(r["net"] for r in overhead):
         for solver in ("ddim", "dpmpp_2m"):
@@ -283,7 +294,11 @@ def main(argv=None) -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (2 threads on a busy 2-core machine is slow)")
     ap.add_argument("--no-write", action="store_true", help="do not append to benchmarks/RESULTS.md")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: every net and tensor on that device")
     args = ap.parse_args(argv)
+    if args.device != "cpu":
+        torch.set_default_device(args.device)  # nets, inputs and the samplers' buffers all follow
+        args.threads = args.threads[:1]  # host threads barely matter for launch-bound CUDA work
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     for n in args.threads:  # each thread setting is written as soon as it is measured
         torch.set_num_threads(n)
@@ -299,7 +314,8 @@ def main(argv=None) -> None:
             for (section, description), header, rows in zip((OVERHEAD, LATENCY, TRAINING), HEADERS, new_rows):
                 if rows:
                     path = results.append_rows(section, description, header, rows)
-            note = (f"sampler_overhead, {n} thread(s){', --quick' if args.quick else ''}, on {cpu_name()}, "
+            where = cpu_name() if args.device == "cpu" else f"{torch.cuda.get_device_name()} (host {cpu_name()})"
+            note = (f"sampler_overhead, {n} thread(s){', --quick' if args.quick else ''}, on {where}, "
                     f"load average {load:.1f} at start: wall-clock medians include time descheduled by other "
                     f"jobs; the bracketed process-CPU figures do not (with 2 threads they sum both threads).")
             path.write_text(path.read_text().rstrip("\n") + f"\n\n{note}\n")
