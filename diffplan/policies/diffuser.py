@@ -63,7 +63,10 @@ class DiffuserConfig:
     value_guided: bool = False
     discount: float = 0.997
     n_samples: int = 64
-    guide_scale: float = 0.1
+    # step size on grad V, where V is the window's return divided by value_scale (the data's largest
+    # |return|, ~1000 on locomotion): Diffuser's 0.1 on raw returns is ~100 here. 1-3 is the range
+    # tuned on locomotion; 0.1 barely moves a plan, and 30 overshoots.
+    guide_scale: float = 3.0
     n_guide_steps: int = 2
     t_stopgrad: float = 0.1
     # scale of the noise a plan starts from (DDIM's only noise). 1 samples the data's behavior,
