@@ -39,16 +39,25 @@ def test_report_save_writes_json_and_png(expert_report, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_write_metrics_replaces_atomically_and_can_keep_a_larger_evaluation(expert_report, tmp_path):
+def test_write_metrics_replaces_atomically_and_keeps_a_larger_evaluation_of_the_same_weights(
+        expert_report, tmp_path):
     path = tmp_path / "metrics.json"
-    path.write_text(json.dumps({"episodes": 50, "normalized_mean": 1.0}))
-    assert not expert_report.write_metrics(tmp_path, keep_larger=True)  # 20 episodes < 50: kept
+    (tmp_path / "model.safetensors").write_bytes(b"weights v1")
+    (tmp_path / "config.yaml").write_text("kind: bc\n")
+    assert expert_report.write_metrics(tmp_path)
+    fingerprint = json.loads(path.read_text())["checkpoint_sha256"]
+    path.write_text(json.dumps({"episodes": 50, "normalized_mean": 1.0, "checkpoint_sha256": fingerprint}))
+    assert not expert_report.write_metrics(tmp_path, keep_larger=True)  # same weights, 20 < 50: kept
     assert json.loads(path.read_text())["normalized_mean"] == 1.0
-    assert expert_report.write_metrics(tmp_path)  # by default the new evaluation replaces it
+    (tmp_path / "config.yaml").write_text("kind: bc\ntemperature: 0\n")  # an inference setting changed
+    assert expert_report.write_metrics(tmp_path, keep_larger=True)  # the old score is stale: replaced
     assert json.loads(path.read_text())["episodes"] == 20
+    path.write_text(json.dumps({"episodes": 50, "normalized_mean": 1.0}))  # no fingerprint: replaced
+    assert expert_report.write_metrics(tmp_path, keep_larger=True)
     path.write_text("{truncated")  # an unreadable file never blocks a new evaluation
     assert expert_report.write_metrics(tmp_path, keep_larger=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # no temp file left
+    assert expert_report.write_metrics(tmp_path)  # by default the new evaluation replaces it
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml", "metrics.json", "model.safetensors"]
 
 
 class GreedyToGoal:

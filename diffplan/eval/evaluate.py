@@ -7,6 +7,7 @@ same starts. Scores are D4RL-normalized against the task card's measured referen
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -56,19 +57,24 @@ class EvalReport:
         return d
 
     def write_metrics(self, checkpoint, keep_larger: bool = False) -> bool:
-        """Write this report as ``metrics.json`` beside a checkpoint's weights, atomically.
-        ``keep_larger``: leave a metrics.json that comes from more episodes in place (a policy
-        re-evaluated briefly beside others). Returns whether it was written."""
-        path = Path(checkpoint) / "metrics.json"
+        """Write this report as ``metrics.json`` beside a checkpoint's weights, atomically, with a
+        fingerprint of the weights and config it measured (``checkpoint_sha256``).
+        ``keep_larger``: leave a metrics.json in place that comes from more episodes of the *same*
+        checkpoint (a policy re-evaluated briefly beside others); one measured on other weights or
+        another config, or with no fingerprint, is replaced. Returns whether it was written."""
+        folder = Path(checkpoint)
+        path = folder / "metrics.json"
+        fingerprint = checkpoint_fingerprint(folder)
         if keep_larger:
             try:
-                old = json.loads(path.read_text()).get("episodes", 0)
+                old = json.loads(path.read_text())
+                same = old.get("checkpoint_sha256") == fingerprint
+                if same and old.get("episodes", 0) > self.episodes:
+                    return False
             except (OSError, ValueError, AttributeError):
-                old = 0
-            if old > self.episodes:
-                return False
+                pass
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.write_text(json.dumps({**self.to_dict(), "checkpoint_sha256": fingerprint}, indent=2) + "\n")
         tmp.replace(path)
         return True
 
@@ -198,3 +204,15 @@ def _record(policy, obs, keep, trace, plan_trace) -> None:
     for i in keep:
         if idx[i] == 1:  # this env replanned in the call that just returned
             plan_trace[i].append((len(trace[i]) - 1, states[i]))
+
+
+def checkpoint_fingerprint(folder) -> str:
+    """sha256 over a checkpoint's ``model.safetensors`` and ``config.yaml`` (the weights and the
+    inference settings a score depends on); the empty string's hash where neither exists."""
+    digest = hashlib.sha256()
+    for name in ("model.safetensors", "config.yaml"):
+        path = Path(folder) / name
+        if path.is_file():
+            digest.update(name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
