@@ -1,5 +1,6 @@
 """Every shipped checkpoint loads by itself and acts: a change to a network's parameter layout,
 or to a config field, that would strand users' checkpoints fails here."""
+import json
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import yaml
 
 import diffplan
 from diffplan.envs import get_task
+from diffplan.eval.evaluate import checkpoint_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted(p.parent for p in ROOT.glob("checkpoints/*/*/model.safetensors"))
@@ -30,3 +32,7 @@ def test_shipped_checkpoint_loads_and_acts_inside_the_action_space(folder):
         assert env.action_space.contains(action.astype(np.float32))
         obs, *_ = env.step(action)
     assert (folder / "metrics.json").exists(), "shipped checkpoints carry their evaluation"
+    measured = json.loads((folder / "metrics.json").read_text()).get("checkpoint_sha256")
+    if measured is not None:  # evaluations written since the fingerprint existed
+        assert measured == checkpoint_fingerprint(folder), (
+            "metrics.json was measured on other weights or another config.yaml: re-evaluate")
