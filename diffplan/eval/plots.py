@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def _maze_axes(report, ax) -> bool:
@@ -62,8 +63,10 @@ def plot_report(report, path) -> Path:
         ax.axvline(norm.mean(), color="k", ls="--", label=f"mean {norm.mean():.1f}")
         ax.set_xlabel("normalized return" if lo is not None else "return")
         ax.set_ylabel("episodes")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 0.25 of an episode
         ax.legend()
-        ax.set_title(f"{report.policy} on {report.task}")
+        ax.set_title(f"{report.policy} on {report.task}: {report.normalized_mean:.1f} "
+                     f"± {report.normalized_stderr:.1f} over {report.episodes} episodes")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
