@@ -142,3 +142,28 @@ def test_temperature_scales_the_start_noise_and_zero_plans_deterministically(dif
         cfg.n_samples, cfg.guide_scale, cfg.temperature = old
     with pytest.raises(ValueError, match="temperature"):
         type(cfg)(temperature=-0.1)
+
+
+def test_value_guidance_at_the_default_scale_raises_the_plans_value(diffuser):
+    """V learns return / value_scale, so guide_scale is in those units: the default moves plans up
+    the value net, while Diffuser's raw-return 0.1 barely moves them."""
+    from diffplan.policies.diffuser import DiffuserConfig
+
+    obs = torch.as_tensor(_obs(6))
+    noise = torch.zeros(6, *diffuser.plan_shape)
+    cfg = diffuser.config
+    old = (cfg.guide_scale, cfg.temperature)
+    values = {}
+    try:
+        cfg.temperature = 0.0
+        for scale in (0.0, 0.1, DiffuserConfig.guide_scale):
+            cfg.guide_scale = scale
+            with torch.inference_mode():
+                plans = diffuser.plan(obs, None, noise)
+                values[scale] = diffuser.value(plans, torch.zeros(6)).mean().item()
+    finally:
+        cfg.guide_scale, cfg.temperature = old
+    gain_default = values[DiffuserConfig.guide_scale] - values[0.0]
+    gain_small = values[0.1] - values[0.0]
+    assert gain_default > 0
+    assert abs(gain_small) < 0.2 * gain_default
