@@ -7,6 +7,7 @@ import torch
 from diffplan.data.dataset import OfflineDataset
 from diffplan.policies import POLICIES
 from diffplan.policies.base import SpaceSpec, load_policy
+from diffplan.policies.diffuser import window_constraints
 from diffplan.policies.trajectory_diffuser import (
     TrajectoryDiffuser,
     TrajectoryDiffuserConfig,
@@ -417,6 +418,37 @@ def test_inverse_dynamics_trained_on_refined_windows_reads_refined_plans_better(
     a = pol.action_normalizer.normalize(batch["actions"][:, 0])
     err = {k: (p.inverse(refined[:, 0], refined[:, 1]) - a).pow(2).mean().item() for k, p in trained.items()}
     assert err["refined"] < 0.8 * err["data"], err
+
+
+def test_inverse_training_refinement_can_differ_from_the_plans():
+    """inverse_t_start / inverse_noise_draft set the refinement of the training windows alone;
+    unset, they follow the plan's t_start / noise_draft."""
+    data = small_step_dataset(episodes=4)
+    kw = dict(train_parts=("inverse",), normalizer="gaussian", action_mode="inverse", inverse_input="refined",
+              refine_steps=1, t_start=0.15, noise_draft=False)
+    torch.manual_seed(0)
+    follows = TrajectoryDiffuser.from_dataset(data, tiny(**kw)).eval()
+    own = TrajectoryDiffuser(tiny(**kw, inverse_t_start=0.05, inverse_noise_draft=True), follows.spec)
+    own.load_state_dict(follows.state_dict())
+    batch = {k: torch.as_tensor(v) for k, v in follows.batches(data, 8)(0, np.random.default_rng(0)).items()}
+    x0 = follows.normalizer.normalize(batch["x"])
+    cond = follows._train_condition(x0, batch)
+    cons = window_constraints(x0, follows.obs_dim, follows.goal_task)
+
+    torch.manual_seed(1)
+    a = follows.refined_windows(x0, cond)
+    torch.manual_seed(2)  # un-noised: the noise draw does not matter
+    torch.testing.assert_close(follows.refined_windows(x0, cond), a)
+    torch.testing.assert_close(a, follows.refine(x0, cond, cons, torch.zeros_like(x0), t_start=0.15, steps=1,
+                                                 noised=False))
+    torch.manual_seed(3)
+    b = own.refined_windows(x0, cond)
+    torch.manual_seed(3)
+    torch.testing.assert_close(b, own.refine(x0, cond, cons, torch.randn_like(x0), t_start=0.05, steps=1,
+                                             noised=True))
+    assert (b - a).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="inverse_t_start"):
+        tiny(inverse_t_start=0.0)
 
 
 def test_inverse_input_is_validated():

@@ -127,6 +127,11 @@ class TrajectoryDiffuserConfig:
     # what the inverse dynamics learns from: "data" (recorded windows, Decision Diffuser) or
     # "refined" (the same windows passed through this policy's frozen refinement first, as plans are)
     inverse_input: str = "data"
+    # the refinement "refined" applies to the training windows; None: the plan's (t_start, noise_draft).
+    # A noised refinement here with an un-noised one at plan time is hopper-medium-expert's setting:
+    # the noise keeps the inverse dynamics from relying on details that drafts do not have
+    inverse_t_start: float | None = None
+    inverse_noise_draft: bool | None = None
     # data and conditioning
     normalizer: str = "limits"  # "limits" (mazes) or "gaussian" (locomotion)
     pad: bool = True  # windows past an episode end (mazes: rest at [goal, 0, ...])
@@ -157,6 +162,8 @@ class TrajectoryDiffuserConfig:
             raise ValueError("need refine_steps >= 0, draft_stride >= 1 and horizon >= 2")
         if not 0.0 < self.t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
+        if self.inverse_t_start is not None and not 0.0 < self.inverse_t_start <= 1.0:
+            raise ValueError(f"inverse_t_start must be in (0, 1] or null, got {self.inverse_t_start}")
         if not 0.0 < self.train_t_max <= 1.0:
             raise ValueError(f"train_t_max must be in (0, 1], got {self.train_t_max}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -332,12 +339,15 @@ class TrajectoryDiffuser(PolicyBase):
 
     @torch.no_grad()
     def refined_windows(self, x0n: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """Normalized data windows after the refinement a plan gets (``refine_steps`` from
-        ``t_start``, noised first unless ``noise_draft`` is off), with the window's own start
-        (and goal) imposed: what ``inverse_input: refined`` trains the inverse dynamics on."""
+        """Normalized data windows after a plan's refinement (``refine_steps`` from
+        ``inverse_t_start``, noised first unless ``inverse_noise_draft`` is off; each defaults to
+        the plan's ``t_start`` / ``noise_draft``), with the window's own start (and goal) imposed:
+        what ``inverse_input: refined`` trains the inverse dynamics on."""
         cfg = self.config
+        t_start = cfg.t_start if cfg.inverse_t_start is None else cfg.inverse_t_start
+        noised = cfg.noise_draft if cfg.inverse_noise_draft is None else cfg.inverse_noise_draft
         return self.refine(x0n, cond, window_constraints(x0n, self.obs_dim, self.goal_task), torch.randn_like(x0n),
-                           t_start=cfg.t_start, steps=cfg.refine_steps, noised=cfg.noise_draft)
+                           t_start=t_start, steps=cfg.refine_steps, noised=noised)
 
     def _distill_loss(self, x0n, t, net_cond, keep, constraints) -> torch.Tensor:
         """Guidance distillation (Meng et al. 2023, stage one at a fixed w): on the refiner's own
