@@ -29,7 +29,8 @@ How it acts
     ``plan`` drafts ``H-1`` states from the current state with a KV cache, imposes the current
     state (and ``[goal, 0, ...]`` at H-1) on the draft, noises it to ``t_start`` and runs ``k``
     solver steps with the same constraints re-imposed every step. ``noise_draft: false`` is the
-    reference code's variant, which feeds the un-noised draft into the last ``k`` reverse steps.
+    reference code's variant, which feeds the un-noised draft into the last ``k`` reverse steps;
+    on five of the six locomotion mixed datasets it scored higher (docs/ARCHITECTURE.md).
     ``k = 0`` returns the constrained draft. A warm start from the runtime (``warm=``) refines
     the shifted previous plan instead of a new draft. Actions come from PD tracking of the plan
     (``action_mode: pd``, Diffuser's maze controller) or from the inverse dynamics
