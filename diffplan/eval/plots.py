@@ -65,8 +65,8 @@ def plot_report(report, path) -> Path:
         ax.set_ylabel("episodes")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts, never 0.25 of an episode
         ax.legend()
-        ax.set_title(f"{report.policy} on {report.task}: {report.normalized_mean:.1f} "
-                     f"± {report.normalized_stderr:.1f} over {report.episodes} episodes")
+        ax.set_title(f"{report.policy} on {report.task}\n{report.normalized_mean:.1f} "  # two lines: long
+                     f"± {report.normalized_stderr:.1f} over {report.episodes} episodes")  # names fit
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
