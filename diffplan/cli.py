@@ -10,6 +10,7 @@ every command is one ``cmd_<group>_<name>(args) -> int`` function. Errors a user
     diffplan train CONFIG.yaml          train a policy (checkpoints, logs, resume)
     diffplan eval CHECKPOINT            score a checkpoint on its task, write report + metrics.json
     diffplan bench CHECKPOINT           act() latency, decisions/s, network evaluations
+    diffplan tune-steps CHECKPOINT      score/latency per solver step count; store the fewest good
     diffplan demo                       evaluate the shipped pointmaze-umaze Diffuser
 """
 
@@ -168,6 +169,19 @@ def add_policy_commands(groups) -> None:
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
+    p = groups.add_parser(
+        "tune-steps", help="score and time a checkpoint at several solver step counts on tuning seeds, "
+        "and store the fewest steps within one standard error of the best as its default")
+    p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its latest checkpoint)")
+    p.add_argument("--steps", default="1,2,3,5,10", help="comma-separated step counts (default 1,2,3,5,10)")
+    p.add_argument("--episodes", type=int, default=50, help="episodes per step count (default 50)")
+    p.add_argument("--num-envs", type=int, default=10, help="envs stepped in lockstep (default 10)")
+    p.add_argument("--seed", type=int, default=1000,
+                   help="first tuning seed (default 1000; reported scores use seeds from 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dry-run", action="store_true", help="print the table, leave config.yaml as it is")
+    p.set_defaults(func=cmd_tune_steps)
+
     p = groups.add_parser("demo", help="evaluate the shipped pointmaze-umaze Diffuser (about a minute)")
     _eval_args(p, episodes=30)
     p.add_argument("--checkpoint", default=DEMO_CHECKPOINT)
@@ -254,6 +268,32 @@ def cmd_bench(args) -> int:
     else:
         print(f"{policy.kind} ({policy.spec.task}) on {args.device}")
         print(format_table(rows))
+    return 0
+
+
+def cmd_tune_steps(args) -> int:
+    from diffplan.eval.tune import format_rows, tune_steps, write_default_steps
+    from diffplan.policies import load_policy
+
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        raise ConfigError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
+    if min(steps) < 1 or args.episodes < 2 or args.num_envs < 1:
+        raise ConfigError("tune-steps needs step counts >= 1, --episodes >= 2 and --num-envs >= 1")
+    ckpt = _find(args.checkpoint)
+    policy = load_policy(ckpt, device=args.device)
+    field = policy.steps_field
+    print(f"{policy.kind} ({policy.spec.task}): {field} in {steps}, {args.episodes} episodes each "
+          f"(seeds {args.seed}..{args.seed + args.episodes - 1}), plan latency at batch 1")
+    rows, chosen = tune_steps(policy, steps=steps, episodes=args.episodes, num_envs=args.num_envs,
+                              seed=args.seed, progress=True)
+    print(format_rows(rows, chosen))
+    if args.dry_run:
+        print(f"fewest steps within one standard error of the best: {chosen} (--dry-run: config unchanged)")
+    else:
+        path = write_default_steps(getattr(policy, "checkpoint_path", ckpt), chosen, rows)
+        print(f"{field}: {chosen} written to {path}")
     return 0
 
 

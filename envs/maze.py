@@ -19,7 +19,8 @@ reward. The goal position is still noised by +-0.25 per axis, so condition on
 Reference returns are measured in that eval env (`measure_refs`, ``python -m
 diffplan.envs.maze --measure-refs``): uniform random actions give ``ref_min``, the noise-free
 `WaypointExpert` (BFS cell path, jittered cell-centre waypoints, switch within 0.1, PD 10 / 1)
-gives ``ref_max``.
+gives ``ref_max``. The `TimeOptimalController` (shortest cell path, string-pulled, tracked at full
+speed) gives ``extras['ref_optimal_score']``, the physical limit: scores are reported against both.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from functools import cache
 
 import gymnasium as gym
 import numpy as np
-from diffplan.envs.maze_expert import WaypointExpert
+from diffplan.envs.maze_expert import TimeOptimalController, WaypointExpert
 from diffplan.envs.maze_geometry import Maze, pointmaze_map
 from diffplan.envs.maze_geometry import draw_maze as _draw_maze
 from diffplan.envs.tasks import TaskCard, get_task, register_task
@@ -55,15 +56,17 @@ COLLECT_KWARGS = {"continuing_task": True, "reset_target": True, "reward_type": 
 EVAL_KWARGS = {"continuing_task": True, "reset_target": False, "reward_type": "sparse"}
 
 # name: (env id, eval goal cell, eval steps, D4RL maze2d sparse refs (min, max), refs measured
-# here (random, noise-free expert)). Measured by `measure_refs` (100 episodes, reset seeds 0..99,
-# gymnasium-robotics 1.4.2, mujoco 4.0.0); mean +- std, expert success rate, first goal step:
-#   umaze   random 12.98 +- 43.2   expert 217.01 +- 45.4  success 100%  first hit  83.0
-#   medium  random 19.45 +- 62.0   expert 436.43 +- 82.2  success 100%  first hit 163.6
-#   large   random  5.38 +- 22.0   expert 571.58 +- 108.2 success 100%  first hit 228.4
+# here (random, noise-free expert, near-time-optimal controller)). Measured by `measure_refs`
+# (100 episodes, reset seeds 0..99, gymnasium-robotics 1.4.2, mujoco 4.0.0); mean +- std, success
+# rate, first goal step:
+#   umaze   random 12.98 +- 43.2   expert 217.01 +- 45.4  (100%, first hit  83.0)  optimal 234.73 +- 31.9 (100%,  65.3)
+#   medium  random 19.45 +- 62.0   expert 436.43 +- 82.2  (100%, first hit 163.6)  optimal 495.22 +- 45.2 (100%, 104.8)
+#   large   random  5.38 +- 22.0   expert 571.58 +- 108.2 (100%, first hit 228.4)  optimal 644.10 +- 71.6 (100%, 155.9)
+# Against the near-optimal controller the noise-free expert scores 92.0 / 87.6 / 88.6.
 _MAZES = {
-    "umaze": ("PointMaze_UMaze-v3", (1, 1), 300, (23.85, 161.86), (12.98, 217.01)),
-    "medium": ("PointMaze_Medium-v3", (6, 6), 600, (13.13, 277.39), (19.45, 436.43)),
-    "large": ("PointMaze_Large-v3", (7, 9), 800, (6.7, 273.99), (5.38, 571.58)),
+    "umaze": ("PointMaze_UMaze-v3", (1, 1), 300, (23.85, 161.86), (12.98, 217.01, 234.73)),
+    "medium": ("PointMaze_Medium-v3", (6, 6), 600, (13.13, 277.39), (19.45, 436.43, 495.22)),
+    "large": ("PointMaze_Large-v3", (7, 9), 800, (6.7, 273.99), (5.38, 571.58, 644.10)),
 }
 
 
@@ -225,6 +228,7 @@ def measure_refs(task, episodes: int = REF_EPISODES, seed: int = REF_SEED) -> di
     random_policy = lambda obs: rng.uniform(-1.0, 1.0, size=2)
     rand = run_episodes(card, random_policy, episodes, seed)
     expert = run_episodes(card, make_expert(card, seed=seed), episodes, seed)
+    optimal = run_episodes(card, TimeOptimalController(get_maze(card)), episodes, seed)
     hits = expert["first_hit"][expert["first_hit"] >= 0]
     return {
         "task": card.name, "episodes": episodes, "seed": seed,
@@ -233,13 +237,17 @@ def measure_refs(task, episodes: int = REF_EPISODES, seed: int = REF_SEED) -> di
         "expert_std": float(expert["returns"].std()),
         "expert_success": float((expert["first_hit"] >= 0).mean()),
         "expert_first_hit_mean": float(hits.mean()) if len(hits) else None,
+        "optimal_mean": float(optimal["returns"].mean()),
+        "optimal_std": float(optimal["returns"].std()),
+        "optimal_success": float((optimal["first_hit"] >= 0).mean()),
+        "optimal_first_hit_mean": float(optimal["first_hit"][optimal["first_hit"] >= 0].mean()),
     }
 
 
 # ---- task cards -------------------------------------------------------------------------------
 
 def _card(name: str) -> TaskCard:
-    env_id, goal_cell, steps, (d4rl_min, d4rl_max), (ref_min, ref_max) = _MAZES[name]
+    env_id, goal_cell, steps, (d4rl_min, d4rl_max), (ref_min, ref_max, ref_optimal) = _MAZES[name]
     return TaskCard(
         name=f"pointmaze-{name}",
         env_id=env_id,
@@ -252,6 +260,8 @@ def _card(name: str) -> TaskCard:
                   f"{REF_SEED}..{REF_SEED + REF_EPISODES - 1}): ref_min = uniform random actions, "
                   "ref_max = noise-free WaypointExpert (BFS cell path, cell-centre waypoints "
                   "jittered by -U(0,1)*0.2, switch within 0.1, a = clip(10 (wp - xy) - vel)); "
+                  "extras['ref_optimal_score'] = TimeOptimalController (BFS cell path, string-pulled, "
+                  "tracked at full speed), the physical limit, a second 100; "
                   "python -m diffplan.envs.maze --measure-refs"),
         recipe=(f"one continuing run of {env_id} (continuing_task=True, reset_target=True, "
                 f"sparse reward), {DATASET_STEPS:,} steps from one reset with seed "
@@ -266,7 +276,8 @@ def _card(name: str) -> TaskCard:
         d4rl_ref_max_score=d4rl_max,
         is_goal_env=True,
         family="maze",
-        extras={"map": name, "goal_cell": goal_cell, "goal_radius": GOAL_RADIUS},
+        extras={"map": name, "goal_cell": goal_cell, "goal_radius": GOAL_RADIUS,
+                "ref_optimal_score": ref_optimal},
     )
 
 

@@ -1,11 +1,12 @@
 """Fixed-length training windows over an `OfflineDataset`.
 
-A window is H consecutive steps of one episode. Without padding it never runs past the episode's
-end, so an episode shorter than H gives no window. With padding every step can start a window;
-the part past the episode's end is filled in (Diffuser's ``use_padding``): observations repeat
-the last observation (or ``pad_obs_fn(last_obs, goal)``, e.g. the maze ``[goal_xy, 0, 0]``, which
-teaches "arrive, then rest"), actions and rewards are zero, other keys repeat their last value,
-and ``mask`` is 0 there.
+A window is H steps of one episode, consecutive or every ``stride``-th (a strided window spans
+``(H - 1) * stride + 1`` steps: the keypoints of a coarse plan). Without padding it never runs
+past the episode's end, so an episode shorter than its span gives no window. With padding every
+step can start a window; the part past the episode's end is filled in (Diffuser's
+``use_padding``): observations repeat the last observation (or ``pad_obs_fn(last_obs, goal)``,
+e.g. the maze ``[goal_xy, 0, 0]``, which teaches "arrive, then rest"), actions and rewards are
+zero, other keys repeat their last value, and ``mask`` is 0 there.
 
 All index arithmetic is precomputed, so `sample` gathers a batch with one fancy index per key.
 """
@@ -42,9 +43,12 @@ class SequenceWindows:
                  keys: Sequence[str] = ("observations", "actions"), pad: bool = False,
                  pad_obs_fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
                  returns_to_go: bool = False, value: bool = False, discount: float = 0.99,
-                 goal: bool = False, normalizers: Mapping[str, object] | None = None):
+                 goal: bool = False, normalizers: Mapping[str, object] | None = None,
+                 stride: int = 1):
         if not isinstance(horizon, (int, np.integer)) or horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+        if not isinstance(stride, (int, np.integer)) or stride < 1:
+            raise ValueError(f"stride must be a positive integer, got {stride!r}")
         if isinstance(keys, str):
             keys = (keys,)
         for key in keys:
@@ -65,21 +69,24 @@ class SequenceWindows:
         self.horizon = int(horizon)
         self.keys = tuple(keys)
         self.pad = bool(pad)
+        self.stride = int(stride)
+        span = (self.horizon - 1) * self.stride + 1  # steps a window covers
         self.discount = float(discount)
         self.want_rtg, self.want_value, self.want_goal = returns_to_go, value, goal
 
         starts, ends = dataset.episode_starts, dataset.episode_ends
         lengths = ends - starts
         # Window starts per episode: every step with padding, else those leaving H steps.
-        n_per_ep = lengths if pad else np.maximum(lengths - self.horizon + 1, 0)
+        n_per_ep = lengths if pad else np.maximum(lengths - span + 1, 0)
         ep_of_window = np.repeat(np.arange(len(starts)), n_per_ep)
         first = np.repeat(starts - np.concatenate([[0], np.cumsum(n_per_ep)[:-1]]), n_per_ep)
         self.starts = (np.arange(len(ep_of_window)) + first).astype(np.int64)  # (W,)
         self.ends = ends[ep_of_window]                                         # (W,) exclusive
         self.episode_of_window = ep_of_window
         if len(self.starts) == 0:
+            strided = f" (stride {self.stride})" if self.stride > 1 else ""
             raise DatasetError(
-                f"no window of horizon {self.horizon} fits: the longest episode has "
+                f"no window of horizon {self.horizon}{strided} fits: the longest episode has "
                 f"{int(lengths.max())} steps (use pad=True or a shorter horizon)")
 
         # Source arrays, normalized once. Pad rows are built from raw data, then normalized.
@@ -105,7 +112,7 @@ class SequenceWindows:
             self._pad_rows = rows  # (E, obs_dim)
         if returns_to_go or value:
             self._rtg = discounted_returns(dataset.rewards, ends, self.discount)
-        self._offsets = np.arange(self.horizon, dtype=np.int64)
+        self._offsets = np.arange(self.horizon, dtype=np.int64) * self.stride
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -146,8 +153,8 @@ class SequenceWindows:
         return out
 
     def __repr__(self) -> str:
-        return (f"SequenceWindows(windows={len(self)}, horizon={self.horizon}, keys={self.keys}, "
-                f"pad={self.pad})")
+        return (f"SequenceWindows(windows={len(self)}, horizon={self.horizon}, stride={self.stride}, "
+                f"keys={self.keys}, pad={self.pad})")
 
 
 def discounted_returns(rewards: np.ndarray, episode_ends: np.ndarray,

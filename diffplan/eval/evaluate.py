@@ -46,6 +46,9 @@ class EvalReport:
     def summary(self) -> str:
         s = (f"{self.task} | {self.policy} | {self.episodes} episodes: normalized score "
              f"{self.normalized_mean:.1f} ± {self.normalized_stderr:.1f} (return {self.return_mean:.1f})")
+        if "optimal_normalized_mean" in self.extra:
+            s += (f"; against the near-optimal controller {self.extra['optimal_normalized_mean']:.1f} ± "
+                  f"{self.extra['optimal_normalized_stderr']:.1f}")
         if self.success_rate is not None:
             s += f", success {100 * self.success_rate:.0f}%"
         s += f" | act p50 {self.latency_p50_ms:.2f} ms, p99 {self.latency_p99_ms:.2f} ms, {self.decisions_per_s:.0f} decisions/s"
@@ -159,6 +162,12 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
     lo, hi = card.ref_min_score, card.ref_max_score
     norm = 100.0 * (r - lo) / (hi - lo) if lo is not None and hi is not None else r
     sem = lambda a: float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0
+    extra = {}
+    optimal = getattr(card, "extras", {}).get("ref_optimal_score")
+    if optimal is not None and lo is not None:  # the physical limit as a second 100 (mazes)
+        norm_opt = 100.0 * (r - lo) / (optimal - lo)
+        extra = {"ref_optimal_score": optimal, "optimal_normalized_mean": float(norm_opt.mean()),
+                 "optimal_normalized_stderr": sem(norm_opt)}
     lat_a = np.asarray(lat)
     has_success = getattr(card, "is_goal_env", False)
     return EvalReport(
@@ -169,7 +178,7 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
         success_rate=float(np.mean(successes)) if has_success else None,
         latency_p50_ms=float(np.percentile(lat_a, 50)), latency_p99_ms=float(np.percentile(lat_a, 99)),
         decisions_per_s=float(np.sum(sizes) / (lat_a.sum() / 1e3)), num_envs=num_envs,
-        ref_min_score=lo, ref_max_score=hi, wall_s=wall, paths=paths, plans=plans)
+        ref_min_score=lo, ref_max_score=hi, wall_s=wall, extra=extra, paths=paths, plans=plans)
 
 
 def _reset(policy, seed: int) -> None:

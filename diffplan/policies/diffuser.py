@@ -44,7 +44,10 @@ SCHEDULES = {"vp_cosine": Schedule.vp_cosine, "vp_linear": Schedule.vp_linear,
 
 @dataclass
 class DiffuserConfig:
-    horizon: int = 128
+    horizon: int = 128  # states in a plan
+    # env steps between consecutive plan states: a plan of H keypoints spans (H - 1) * stride + 1
+    # steps, and PD tracking follows the keypoints linearly interpolated (action_mode pd only)
+    plan_stride: int = 1
     with_actions: bool = False  # diffuse [obs, action] (locomotion) instead of states only (mazes)
     dim: int = 32
     dim_mults: tuple[int, ...] = (1, 2, 4)
@@ -82,6 +85,7 @@ class DiffuserConfig:
             raise ValueError(f"action_mode must be 'pd' or 'plan', got {self.action_mode!r}")
         if self.action_mode == "plan" and not self.with_actions:
             raise ValueError("action_mode='plan' needs with_actions=True (actions must be in the plan)")
+        check_plan_stride(self.plan_stride, self.action_mode)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
@@ -141,7 +145,7 @@ class DiffuserPlanner(PolicyBase):
         pad_fn = rest_at_goal_pad if self.config.pad and dataset.goals is not None else None
         return SequenceWindows(dataset, self.config.horizon, keys=keys, pad=self.config.pad,
                                pad_obs_fn=pad_fn, value=self.config.value_guided,
-                               discount=self.config.discount)
+                               discount=self.config.discount, stride=self.config.plan_stride)
 
     def batches(self, dataset, batch_size: int):
         windows = self._windows(dataset)
@@ -231,7 +235,12 @@ class DiffuserPlanner(PolicyBase):
             step = plans[torch.arange(plans.shape[0], device=plans.device), i]
             return self.normalizer.unnormalize(step)[:, self.obs_dim:]
         return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
-                           self.config.kp, self.config.kd)
+                           self.config.kp, self.config.kd, self.config.plan_stride)
+
+    @property
+    def plan_stride(self) -> int:
+        """Env steps between plan states (the runtime shifts warm starts by executed // stride)."""
+        return self.config.plan_stride
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,18 +287,36 @@ def plan_constraints(normalizer, obs: torch.Tensor, goal: torch.Tensor | None, h
     return c
 
 
+def check_plan_stride(stride: int, action_mode: str) -> None:
+    """A strided plan holds keypoints, not consecutive steps: only PD tracking can follow it."""
+    if stride < 1:
+        raise ValueError(f"plan_stride must be >= 1, got {stride}")
+    if stride > 1 and action_mode != "pd":
+        raise ValueError(f"plan_stride {stride} needs action_mode 'pd': a strided plan has no "
+                         f"consecutive states or actions to read an action from")
+
+
 def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch.Tensor,
-                obs_dim: int, act_dim: int, kp: float = 1.0, kd: float = 1.0) -> torch.Tensor:
-    """Diffuser's maze controller ``a = kp (wp_xy - xy) + kd (wp_vel - vel)`` toward waypoint
-    ``index + 1`` of the normalized plans (B, H, D); past the plan's end, rest at its last state.
-    The first act_dim state dims are positions and the next act_dim their velocities."""
+                obs_dim: int, act_dim: int, kp: float = 1.0, kd: float = 1.0,
+                stride: int = 1) -> torch.Tensor:
+    """Diffuser's maze controller ``a = kp (wp_xy - xy) + kd (wp_vel - vel)`` toward the plan's
+    state at env step ``index + 1`` of the normalized plans (B, H, D); past the plan's end, rest
+    at its last state. A plan of stride ``s`` holds the states of steps 0, s, 2s, ...; between
+    them the waypoint is interpolated linearly. The first act_dim state dims are positions and
+    the next act_dim their velocities."""
     h = plans.shape[1]
-    nxt = (index + 1).clamp(max=h - 1)
-    wp = normalizer.unnormalize(plans[torch.arange(plans.shape[0], device=plans.device), nxt])
-    wp = wp[:, :obs_dim].clone()
+    rows = torch.arange(plans.shape[0], device=plans.device)
+    step = index + 1
+    lo = torch.div(step, stride, rounding_mode="floor").clamp(max=h - 1)
+    wp = normalizer.unnormalize(plans[rows, lo])[:, :obs_dim]
+    if stride > 1:
+        hi = (lo + 1).clamp(max=h - 1)
+        frac = ((step - lo * stride).clamp(max=stride) / stride).to(plans.dtype)[:, None]
+        wp = torch.lerp(wp, normalizer.unnormalize(plans[rows, hi])[:, :obs_dim], frac)
     k = act_dim
-    wp[:, k: 2 * k] = torch.where((index + 1 >= h)[:, None], torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
-    return kp * (wp[:, :k] - obs[:, :k]) + kd * (wp[:, k: 2 * k] - obs[:, k: 2 * k])
+    past_end = (step > (h - 1) * stride)[:, None]
+    vel = torch.where(past_end, torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
+    return kp * (wp[:, :k] - obs[:, :k]) + kd * (vel - obs[:, k: 2 * k])
 
 
 def _candidates(noise: torch.Tensor, n: int) -> torch.Tensor:

@@ -89,6 +89,7 @@ from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerC
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.policies.diffuser import (
     SCHEDULES,
+    check_plan_stride,
     goal_rest_states,
     pd_tracking,
     plan_constraints,
@@ -103,7 +104,8 @@ PARTS = tuple(PART_MODULES)
 
 @dataclass
 class TrajectoryDiffuserConfig:
-    horizon: int = 128
+    horizon: int = 128  # states in a plan
+    plan_stride: int = 1  # env steps between plan states (keypoint plans; action_mode pd only)
     # refiner: Diffuser's U-Net over states
     dim: int = 32
     dim_mults: tuple[int, ...] = (1, 2, 4)
@@ -150,6 +152,10 @@ class TrajectoryDiffuserConfig:
     # null + distill_w (cond - null); at the null condition, the teacher's null output
     distill_from: str | None = None
     distill_w: float = 3.0
+    # a trained Diffuser checkpoint (same data, horizon, stride, U-Net, schedule, objective) whose
+    # U-Net becomes the refiner, frozen and unconditional (the goal is imposed by inpainting alone):
+    # only the drafter is trained, and TD and Diffuser then differ by the draft alone
+    refiner_from: str | None = None
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -161,6 +167,7 @@ class TrajectoryDiffuserConfig:
             raise ValueError(f"normalizer must be 'limits' or 'gaussian', got {self.normalizer!r}")
         if self.refine_steps < 0 or self.draft_stride < 1 or self.horizon < 2:
             raise ValueError("need refine_steps >= 0, draft_stride >= 1 and horizon >= 2")
+        check_plan_stride(self.plan_stride, self.action_mode)
         if not 0.0 < self.t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
         if self.inverse_t_start is not None and not 0.0 < self.inverse_t_start <= 1.0:
@@ -179,6 +186,8 @@ class TrajectoryDiffuserConfig:
             raise ValueError(f"distill_w must be a finite number >= 0, got {self.distill_w}")
         if self.inverse_input not in ("data", "refined"):
             raise ValueError(f"inverse_input must be 'data' or 'refined', got {self.inverse_input!r}")
+        if self.refiner_from and ("refiner" in self.train_parts or self.distill_from):
+            raise ValueError("refiner_from gives a frozen refiner: drop 'refiner' from train_parts and distill_from")
         if self.inverse_input == "refined" and "refiner" in self.train_parts:
             raise ValueError("inverse_input: refined needs a trained, frozen refiner: train the refiner first, "
                              "then the inverse dynamics alone (train_parts: [inverse], init_from: <that checkpoint>)")
@@ -219,8 +228,9 @@ class TrajectoryDiffuser(PolicyBase):
         self.drafter = CausalTransformer(CausalTransformerConfig(
             in_dim=d, out_dim=r * d, cond_dim=self.cond_dim, max_len=self.draft_tokens + 1,
             width=config.draft_width, depth=config.draft_depth, heads=config.draft_heads))
-        # the U-Net's condition is [c, 1]; the null condition is all zeros
-        self.net = TemporalUNet(d, dim=config.dim, dim_mults=config.dim_mults, cond_dim=self.cond_dim + 1)
+        # the U-Net's condition is [c, 1]; the null condition is all zeros (none: a Diffuser's U-Net)
+        self.net = TemporalUNet(d, dim=config.dim, dim_mults=config.dim_mults,
+                                cond_dim=0 if config.refiner_from else self.cond_dim + 1)
         self.inverse = InverseDynamics(d, spec.act_dim, config.inverse_hidden)
 
     # ------------------------------------------------------------------ training
@@ -239,6 +249,8 @@ class TrajectoryDiffuser(PolicyBase):
             policy.default_return.fill_(0.9 * float(rtg.max()) / float(policy.return_scale))
         if config.init_from:
             policy.load_weights(config.init_from, skip=config.train_parts)
+        if config.refiner_from:
+            policy.load_refiner(config.refiner_from)
         if config.distill_from:
             policy.load_teacher(config.distill_from)
         for part in set(PARTS) - set(config.train_parts):
@@ -258,6 +270,29 @@ class TrajectoryDiffuser(PolicyBase):
             raise ValueError(f"init_from {path}: weights do not fit this policy (missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(unexpected)[:5]})")
         self.load_state_dict(state, strict=False)
+
+    def load_refiner(self, path) -> None:
+        """Take a trained Diffuser's U-Net as the (unconditional, frozen) refiner. The Diffuser
+        must plan the same windows: same normalizer, horizon, stride, U-Net, schedule, objective."""
+        from diffplan.train.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(Path(path))
+        theirs = ckpt.config.get("policy", {}) if isinstance(ckpt.config, dict) else {}
+        cfg = self.config
+        for key in ("horizon", "plan_stride", "dim", "dim_mults", "schedule", "objective"):
+            mine, other = getattr(cfg, key), theirs.get(key, 1 if key == "plan_stride" else None)
+            if (list(mine) if isinstance(mine, tuple) else mine) != other:
+                raise ValueError(f"refiner_from {path}: its {key} is {other!r}, this policy's is {mine!r}")
+        state = ckpt.model_state
+        own = self.state_dict()
+        for k in (k for k in own if k.startswith("normalizer.")):
+            if k not in state or not torch.equal(state[k].to(own[k]), own[k]):
+                raise ValueError(f"refiner_from {path}: it was fitted to other data ({k} differs)")
+        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
+        try:
+            self.net.load_state_dict(net_state)
+        except RuntimeError as e:
+            raise ValueError(f"refiner_from {path}: its U-Net does not fit this refiner: {e}") from None
 
     def load_teacher(self, path) -> None:
         """Guidance distillation: a frozen copy of ``path``'s refiner becomes the teacher, and this
@@ -292,7 +327,8 @@ class TrajectoryDiffuser(PolicyBase):
         cfg = self.config
         windows = SequenceWindows(dataset, cfg.horizon, keys=("observations", "actions"), pad=cfg.pad,
                                   pad_obs_fn=rest_at_goal_pad if cfg.pad and dataset.goals is not None else None,
-                                  returns_to_go=not self.goal_task, discount=cfg.discount)
+                                  returns_to_go=not self.goal_task, discount=cfg.discount,
+                                  stride=cfg.plan_stride)
 
         def sample_batch(step: int, rng: np.random.Generator) -> dict:
             b = windows.sample(batch_size, rng)
@@ -425,6 +461,8 @@ class TrajectoryDiffuser(PolicyBase):
     def denoiser(self, cond: torch.Tensor):
         """``denoise(x_t, t) -> x0`` of the refiner under classifier-free guidance weight w."""
         cfg = self.config
+        if cfg.refiner_from:  # an unconditional Diffuser U-Net: the goal is inpainted, not input
+            return make_denoiser(self.inference_net(), self.schedule, cfg.objective)
         net_cond = self._net_cond(cond)
         if cfg.guidance_w == 1.0:  # the conditional model alone: one network evaluation per step
             return make_denoiser(self.inference_net(), self.schedule, cfg.objective, cond=net_cond)
@@ -474,10 +512,15 @@ class TrajectoryDiffuser(PolicyBase):
         """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""
         return self.normalizer.unnormalize(plans)
 
+    @property
+    def plan_stride(self) -> int:
+        """Env steps between plan states (the runtime shifts warm starts by executed // stride)."""
+        return self.config.plan_stride
+
     def action_at(self, plans, index, obs, goal):
         if self.config.action_mode == "pd":
             return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
-                               self.config.kp, self.config.kd)
+                               self.config.kp, self.config.kd, self.config.plan_stride)
         nxt = (index + 1).clamp(max=self.config.horizon - 1)
         target = plans[torch.arange(plans.shape[0], device=plans.device), nxt]
         a = self.inverse(self.normalizer.normalize(obs), target)

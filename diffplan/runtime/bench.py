@@ -25,6 +25,7 @@ class BenchResult:
     decisions_per_s: float  # env decisions per second (batch / mean act latency)
     plan_p50_ms: float  # a replan alone (every call replans)
     plan_p99_ms: float
+    plan_p10_ms: float  # near a quiet machine's time, where other load deschedules the p50
     net_evals_per_plan: float
     net_evals_per_decision: float  # with the policy's action queue
     sampler_overhead: float  # replan time / time inside the network forward passes
@@ -115,6 +116,7 @@ def bench_policy(policy, batch: int = 1, calls: int = 200, steps: int | None = N
         act_p50_ms=float(np.percentile(a, 50)), act_p99_ms=float(np.percentile(a, 99)),
         decisions_per_s=float(batch / (a.mean() / 1e3)),
         plan_p50_ms=float(np.percentile(p, 50)), plan_p99_ms=float(np.percentile(p, 99)),
+        plan_p10_ms=float(np.percentile(p, 10)),
         net_evals_per_plan=plan_calls / n_plans, net_evals_per_decision=act_calls / calls,
         sampler_overhead=float(p.sum() / 1e3 / net_time) if net_time > 0 else float("nan"))
 

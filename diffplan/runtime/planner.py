@@ -172,7 +172,8 @@ class Planner:
         kwargs = {}
         if warm:
             prev = self._plans[sel]
-            k = torch.as_tensor(self._index[rows], device=obs.device)
+            stride = getattr(self.policy, "plan_stride", 1)  # env steps per plan state
+            k = torch.as_tensor(self._index[rows] // stride, device=obs.device)
             kwargs = dict(warm=shift_plans(prev, k), t_start=cfg.t_warm)
         plans = self.policy.plan(obs[sel], None if goal is None else goal[sel], noise,
                                  steps=steps, **kwargs)
