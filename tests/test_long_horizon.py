@@ -68,6 +68,22 @@ def test_pd_tracking_interpolates_between_keypoints_and_rests_past_the_end():
     np.testing.assert_allclose(a.numpy(), [[1.0 + 1.0, 0.0]], atol=1e-5)
 
 
+def test_track_speed_runs_through_the_plan_faster():
+    norm = LimitsNormalizer(4)
+    norm.fit(np.array([[-2, -2, -5, -5], [2, 2, 5, 5]], np.float32))
+    states = torch.tensor([[[0, 0, 1, 0], [1, 0, 1, 0], [2, 0, 1, 0.0]]])  # stride 4: steps 0, 4, 8
+    plans = norm.normalize(states)
+    obs = torch.zeros(1, 4)
+    # at speed 2, env step 3 tracks plan step 6 (x = 1.5) with twice the planned velocity
+    a = pd_tracking(norm, plans, torch.tensor([2]), obs, 4, 2, stride=4, speed=2.0)
+    np.testing.assert_allclose(a.numpy(), [[1.5 + 2.0, 0.0]], atol=1e-5)
+    # env step 5 is plan step 10, past the end (step 8): rest at x = 2
+    a = pd_tracking(norm, plans, torch.tensor([4]), obs, 4, 2, stride=4, speed=2.0)
+    np.testing.assert_allclose(a.numpy(), [[2.0, 0.0]], atol=1e-5)
+    with pytest.raises(ValueError, match="track_speed"):
+        DiffuserConfig(track_speed=0.0)
+
+
 def test_a_strided_plan_needs_pd_tracking():
     with pytest.raises(ValueError, match="plan_stride 4 needs action_mode 'pd'"):
         DiffuserConfig(plan_stride=4, with_actions=True, action_mode="plan")

@@ -61,6 +61,7 @@ class DiffuserConfig:
     action_mode: str = "pd"  # "pd" | "plan"
     kp: float = 1.0  # PD tracking gains on position and velocity error
     kd: float = 1.0
+    track_speed: float = 1.0  # PD tracking runs through the plan this many times faster than planned
     action_weight: float = 10.0  # loss weight of the first action (with_actions only)
     # value guidance (reward tasks)
     value_guided: bool = False
@@ -85,7 +86,7 @@ class DiffuserConfig:
             raise ValueError(f"action_mode must be 'pd' or 'plan', got {self.action_mode!r}")
         if self.action_mode == "plan" and not self.with_actions:
             raise ValueError("action_mode='plan' needs with_actions=True (actions must be in the plan)")
-        check_plan_stride(self.plan_stride, self.action_mode)
+        check_tracking(self.plan_stride, self.track_speed, self.action_mode)
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
 
@@ -235,7 +236,7 @@ class DiffuserPlanner(PolicyBase):
             step = plans[torch.arange(plans.shape[0], device=plans.device), i]
             return self.normalizer.unnormalize(step)[:, self.obs_dim:]
         return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
-                           self.config.kp, self.config.kd, self.config.plan_stride)
+                           self.config.kp, self.config.kd, self.config.plan_stride, self.config.track_speed)
 
     @property
     def plan_stride(self) -> int:
@@ -287,10 +288,12 @@ def plan_constraints(normalizer, obs: torch.Tensor, goal: torch.Tensor | None, h
     return c
 
 
-def check_plan_stride(stride: int, action_mode: str) -> None:
+def check_tracking(stride: int, speed: float, action_mode: str) -> None:
     """A strided plan holds keypoints, not consecutive steps: only PD tracking can follow it."""
     if stride < 1:
         raise ValueError(f"plan_stride must be >= 1, got {stride}")
+    if not (math.isfinite(speed) and speed > 0):
+        raise ValueError(f"track_speed must be a finite number > 0, got {speed}")
     if stride > 1 and action_mode != "pd":
         raise ValueError(f"plan_stride {stride} needs action_mode 'pd': a strided plan has no "
                          f"consecutive states or actions to read an action from")
@@ -298,24 +301,24 @@ def check_plan_stride(stride: int, action_mode: str) -> None:
 
 def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch.Tensor,
                 obs_dim: int, act_dim: int, kp: float = 1.0, kd: float = 1.0,
-                stride: int = 1) -> torch.Tensor:
+                stride: int = 1, speed: float = 1.0) -> torch.Tensor:
     """Diffuser's maze controller ``a = kp (wp_xy - xy) + kd (wp_vel - vel)`` toward the plan's
     state at env step ``index + 1`` of the normalized plans (B, H, D); past the plan's end, rest
     at its last state. A plan of stride ``s`` holds the states of steps 0, s, 2s, ...; between
-    them the waypoint is interpolated linearly. The first act_dim state dims are positions and
-    the next act_dim their velocities."""
+    them the waypoint is interpolated linearly. ``speed`` > 1 runs through the plan faster than
+    it was planned: the waypoint of env step i is the plan's state at step ``i * speed``, with its
+    velocity scaled by ``speed``. The first act_dim state dims are positions and the next act_dim
+    their velocities."""
     h = plans.shape[1]
     rows = torch.arange(plans.shape[0], device=plans.device)
-    step = index + 1
-    lo = torch.div(step, stride, rounding_mode="floor").clamp(max=h - 1)
+    u = ((index + 1).to(plans.dtype) * (speed / stride)).clamp(max=h - 1)  # position in the plan
+    lo = u.floor().long()
     wp = normalizer.unnormalize(plans[rows, lo])[:, :obs_dim]
-    if stride > 1:
-        hi = (lo + 1).clamp(max=h - 1)
-        frac = ((step - lo * stride).clamp(max=stride) / stride).to(plans.dtype)[:, None]
-        wp = torch.lerp(wp, normalizer.unnormalize(plans[rows, hi])[:, :obs_dim], frac)
+    nxt = normalizer.unnormalize(plans[rows, (lo + 1).clamp(max=h - 1)])[:, :obs_dim]
+    wp = torch.lerp(wp, nxt, (u - lo.to(u.dtype))[:, None])
     k = act_dim
-    past_end = (step > (h - 1) * stride)[:, None]
-    vel = torch.where(past_end, torch.zeros_like(wp[:, k: 2 * k]), wp[:, k: 2 * k])
+    past_end = ((index + 1) * speed > (h - 1) * stride)[:, None]
+    vel = torch.where(past_end, torch.zeros_like(wp[:, k: 2 * k]), speed * wp[:, k: 2 * k])
     return kp * (wp[:, :k] - obs[:, :k]) + kd * (vel - obs[:, k: 2 * k])
 
 

@@ -89,7 +89,7 @@ from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerC
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.policies.diffuser import (
     SCHEDULES,
-    check_plan_stride,
+    check_tracking,
     goal_rest_states,
     pd_tracking,
     plan_constraints,
@@ -144,6 +144,7 @@ class TrajectoryDiffuserConfig:
     action_mode: str = "pd"  # "pd" (maze tracking) | "inverse" (inverse dynamics)
     kp: float = 1.0
     kd: float = 1.0
+    track_speed: float = 1.0  # PD tracking runs through the plan this many times faster than planned
     # training
     train_parts: tuple[str, ...] = PARTS  # parts whose loss is trained; others stay frozen
     init_from: str | None = None  # checkpoint whose weights give the parts not in train_parts
@@ -167,7 +168,7 @@ class TrajectoryDiffuserConfig:
             raise ValueError(f"normalizer must be 'limits' or 'gaussian', got {self.normalizer!r}")
         if self.refine_steps < 0 or self.draft_stride < 1 or self.horizon < 2:
             raise ValueError("need refine_steps >= 0, draft_stride >= 1 and horizon >= 2")
-        check_plan_stride(self.plan_stride, self.action_mode)
+        check_tracking(self.plan_stride, self.track_speed, self.action_mode)
         if not 0.0 < self.t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
         if self.inverse_t_start is not None and not 0.0 < self.inverse_t_start <= 1.0:
@@ -520,7 +521,8 @@ class TrajectoryDiffuser(PolicyBase):
     def action_at(self, plans, index, obs, goal):
         if self.config.action_mode == "pd":
             return pd_tracking(self.normalizer, plans, index, obs, self.obs_dim, self.spec.act_dim,
-                               self.config.kp, self.config.kd, self.config.plan_stride)
+                               self.config.kp, self.config.kd, self.config.plan_stride,
+                               self.config.track_speed)
         nxt = (index + 1).clamp(max=self.config.horizon - 1)
         target = plans[torch.arange(plans.shape[0], device=plans.device), nxt]
         a = self.inverse(self.normalizer.normalize(obs), target)
