@@ -79,4 +79,6 @@ def training_facts(folder: Path) -> dict:
             out["steps"] = data.get("steps")
         if "wall_s" in data:
             out["wall"] = f"{data['wall_s'] / 60:.0f} min"
+        if "steps_per_s" in data:
+            out["steps_per_s"] = f"{data['steps_per_s']:.1f}"
     return out
