@@ -193,9 +193,10 @@ class DiffuserPlanner(PolicyBase):
         from the env's own noise generator."""
         return self.config.n_samples if self.value is not None and self.config.temperature > 0 else 1
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
-        ``noise_samples = n`` candidates -> normalized plans (B, H, D)."""
+        ``noise_samples = n`` candidates -> normalized plans (B, H, D). ``generator``: one per env
+        (or one), for the stochastic solver steps (``solver: ddpm``)."""
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         n = self.noise_samples
@@ -213,7 +214,7 @@ class DiffuserPlanner(PolicyBase):
                                      t_stopgrad=cfg.t_stopgrad)
         plans = sample(denoise, x_init, schedule=self.schedule, solver=cfg.solver, steps=steps,
                        t_start=t_start, constraints=self.constraints(obs, goal), guidance=guidance,
-                       noise_prior=False)
+                       noise_prior=False, generator=generator)
         if n > 1:
             values = self.value(plans, torch.zeros(plans.shape[0], device=plans.device))
             best = values.view(-1, n).argmax(1) + torch.arange(0, plans.shape[0], n, device=plans.device)
