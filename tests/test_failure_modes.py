@@ -115,3 +115,13 @@ def test_train_config_types_and_ranges(values, message):
 def test_observations_of_the_wrong_dtype_name_the_dtype(policy, obs, dtype):
     with pytest.raises(ObservationError, match=rf"observation has dtype {dtype}; expected real numbers"):
         policy.act(obs)
+
+
+def test_library_entry_points_refuse_empty_runs(policy):
+    from diffplan.eval import evaluate
+    from diffplan.runtime.bench import bench_policy
+
+    with pytest.raises(ValueError, match="episodes >= 1"):
+        evaluate(policy, "pointmaze-umaze", episodes=0)
+    with pytest.raises(ValueError, match="batch >= 1"):
+        bench_policy(policy, batch=0)
