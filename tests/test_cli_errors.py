@@ -92,6 +92,12 @@ def test_config_mistakes_end_in_one_error_line(capsys, workdir, train, top, mess
     _fails(capsys, ["train", _config(workdir, "bad.yaml", train, **top), "--out", str(workdir / "bad")], message)
 
 
+def test_resuming_with_a_changed_model_names_the_tensor_and_both_shapes(capsys, workdir):
+    wider = _config(workdir, "wider.yaml", policy={**POLICY, "dim": 16})
+    _fails(capsys, ["train", wider, "--out", str(workdir / "run"), "--resume", "--steps", "5"],
+           r"optimizer.safetensors: tensor 'net.")
+
+
 def test_resume_past_the_requested_steps_says_the_run_is_already_there(capsys, workdir):
     assert main(["train", str(workdir / "tiny.yaml"), "--out", str(workdir / "run"), "--resume", "--steps", "1"]) == 0
     err = capsys.readouterr().err

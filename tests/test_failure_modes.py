@@ -58,7 +58,7 @@ def test_a_tensor_of_the_wrong_shape_names_the_tensor_and_both_shapes(policy, tm
     cfg = yaml.safe_load((tmp_path / "ckpt" / "config.yaml").read_text())
     cfg["policy"]["dim"] = 16
     (tmp_path / "ckpt" / "config.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(CheckpointError, match=r"tensor 'net\.[\w.]+' has shape \(8,.*\), but the diffuser .* expects \(16,"):
+    with pytest.raises(CheckpointError, match=r"tensor 'net\.[\w.]+' has shape \(8,.*\), but the model .* expects \(16,"):
         load_policy(tmp_path / "ckpt")
 
 

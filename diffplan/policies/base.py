@@ -454,7 +454,7 @@ def load_policy(path, device: str | torch.device = "cpu", task: str | None = Non
 
     ``task``: if given, refuse a checkpoint trained for another task, naming both.
     """
-    from diffplan.train.checkpoint import CheckpointError, load_checkpoint
+    from diffplan.train.checkpoint import CheckpointError, check_shapes, load_checkpoint
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
     device = resolve_device(device)
@@ -472,12 +472,7 @@ def load_policy(path, device: str | torch.device = "cpu", task: str | None = Non
     if task is not None and trained_for is not None and task != trained_for:
         raise ConfigError(f"checkpoint {ckpt.path} was trained for task {trained_for!r}, not {task!r}")
     where = f"{ckpt.path}/model.safetensors"
-    expected = policy.state_dict()
-    for name, value in ckpt.model_state.items():
-        if isinstance(value, torch.Tensor) and isinstance(expected.get(name), torch.Tensor) \
-                and value.shape != expected[name].shape:
-            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, but the {kind} policy "
-                                  f"built from config.yaml expects {tuple(expected[name].shape)}")
+    check_shapes(ckpt.model_state, policy.state_dict(), where)
     missing, unexpected = policy.load_state_dict(ckpt.model_state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"{where} does not match a {kind} policy built from its "

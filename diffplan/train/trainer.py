@@ -33,7 +33,9 @@ from diffplan.config import ConfigError, check_fields, from_dict
 from diffplan.train import distributed as dist_
 from diffplan.train.checkpoint import (
     CHECKPOINTS_SUBDIR,
+    OPTIMIZER_FILE,
     CheckpointError,
+    check_shapes,
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
@@ -441,6 +443,7 @@ class Trainer:
                 stacklevel=3,
             )
         raw = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
+        check_shapes(raw, self.model.state_dict(), path / OPTIMIZER_FILE)
         try:
             self.model.load_state_dict(raw)
         except RuntimeError as e:
