@@ -12,7 +12,7 @@ from diffplan.diffusion import Schedule, sample
 from diffplan.envs import get_task
 from diffplan.policies import DiffuserConfig, DiffuserPlanner, DiffusionPolicy, DiffusionPolicyConfig
 from diffplan.policies.finetune.ctrl import CTRLConfig, CTRLPlanner
-from diffplan.runtime import Planner
+from diffplan.runtime import Planner, PlannerConfig
 
 TASK = "pointmaze-umaze"
 
@@ -63,13 +63,23 @@ def _diffusion_policy(maze):
     return DiffusionPolicy.from_dataset(maze, cfg)
 
 
+def _anchored(maze):
+    from diffplan.policies import AnchoredConfig, AnchoredDiffusionPolicy
+
+    cfg = AnchoredConfig(chunk=4, num_anchors=4, width=16, heads=2, kmeans_iters=5, kmeans_samples=500,
+                         runtime=PlannerConfig(n_action_steps=4),
+                         temperature=1.0)
+    return AnchoredDiffusionPolicy.from_dataset(maze, cfg)
+
+
 def _ctrl(maze):
     base = DiffuserPlanner.from_dataset(maze, DiffuserConfig(horizon=8, dim=8, dim_mults=(1, 2), inpaint_goal=False))
     cfg = CTRLConfig(steps=3, classifier_steps=2, classifier_windows=200, side_hidden=8, side_depth=1)
     return CTRLPlanner.from_pretrained(base, maze, cfg)
 
 
-@pytest.mark.parametrize("build", [_diffuser, _diffusion_policy, _ctrl], ids=["ddpm", "dp-ddpm", "ctrl"])
+@pytest.mark.parametrize("build", [_diffuser, _diffusion_policy, _ctrl, _anchored],
+                         ids=["ddpm", "dp-ddpm", "ctrl", "anchored-sampled-query"])
 def test_stochastic_plans_repeat_with_the_seed_and_do_not_depend_on_the_batch(maze, build):
     torch.manual_seed(0)
     policy = build(maze).eval()
