@@ -137,3 +137,17 @@ def test_changing_the_batch_size_after_a_seeded_reset_stays_deterministic():
     fresh = Planner(_NoisePlanner())
     fresh.reset(seed=3)
     assert torch.equal(first, fresh.act(torch.zeros(4, 2)))
+
+
+def test_extra_value_guided_candidates_come_from_the_given_generators(maze):
+    cfg = DiffuserConfig(horizon=8, dim=8, dim_mults=(1, 2), steps=2, value_guided=True, n_samples=3)
+    torch.manual_seed(0)
+    policy = DiffuserPlanner.from_dataset(maze, cfg).eval()
+    obs = torch.as_tensor(_obs(2)["observation"])
+    noise = torch.zeros(2, *policy.plan_shape)  # one candidate per env given; the other two are drawn
+    plans = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        gens = [torch.Generator().manual_seed(s) for s in (4, 5)]
+        plans.append(policy.plan(obs, None, noise, generator=gens))
+    assert torch.equal(*plans)
