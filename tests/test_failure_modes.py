@@ -1,5 +1,8 @@
 """Clear errors instead of silent garbage: NaN actions, corrupt normalizers and tensors, config
 types, unknown checkpoint keys, and observations of the wrong dtype."""
+from dataclasses import dataclass, field
+from typing import Literal
+
 import numpy as np
 import pytest
 import torch
@@ -85,6 +88,27 @@ def test_an_unknown_top_level_key_in_a_checkpoint_is_an_error_naming_it(policy, 
 def test_config_values_are_checked_against_the_field_types(values, message):
     with pytest.raises(ConfigError, match=message):
         from_dict(DiffuserConfig, values, "policy")
+
+
+@dataclass
+class _Typed:
+    mode: Literal["fast", "exact"] = "fast"
+    names: list[str] = field(default_factory=list)
+    extra: dict = field(default_factory=dict)
+    limit: int | None = 3
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mode": "slow"}, "typed.mode: expected one of 'fast', 'exact', got 'slow'"),
+    ({"names": ["a", 1]}, r"typed.names\[1\]: expected a string, got 1"),
+    ({"extra": [1]}, "typed.extra: expected dict"),
+    ({"limit": "x"}, "typed.limit: expected int | None, got 'x'"),
+])
+def test_literal_list_dict_and_optional_fields_are_checked(values, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(_Typed, values, "typed")
+    assert from_dict(_Typed, {"mode": "exact", "names": ["a"], "limit": None}, "typed") == \
+        _Typed("exact", ["a"], {}, None)
 
 
 def test_config_conversions_a_user_expects():
