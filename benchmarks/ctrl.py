@@ -154,7 +154,7 @@ def _cfg_planner(ctrl, w: float):
     net.load_state_dict(load_file(str(CFG_RUN / "net.safetensors")))
     planner = copy.deepcopy(ctrl)
 
-    def plan(obs, goal, noise, *, warm=None, t_start=1.0, steps=None, labels=None):
+    def plan(obs, goal, noise, *, warm=None, t_start=1.0, steps=None, labels=None, generator=None):
         if labels is None:
             labels = planner.target_labels(planner.config.target if planner._target is None else planner._target,
                                            obs.shape[0], goal)
@@ -162,7 +162,7 @@ def _cfg_planner(ctrl, w: float):
         denoise = cfg_denoiser(net, cond, torch.zeros(planner.n_labels), w)
         x = noise * planner.schedule.sigma(torch.tensor(1.0))
         return sample(denoise, x, planner.schedule, solver="ddim", eta=1.0, steps=steps or planner.config.steps,
-                      constraints=planner.constraints(obs), noise_prior=False)
+                      constraints=planner.constraints(obs), noise_prior=False, generator=generator)
 
     planner.plan = plan
     return planner

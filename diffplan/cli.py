@@ -2,7 +2,10 @@
 
 Command groups are added to the parser by one ``add_<group>_commands(groups)`` function each;
 every command is one ``cmd_<group>_<name>(args) -> int`` function. Errors a user can fix
-(`USER_ERRORS`) print one line to stderr and exit with code 2, without a traceback.
+(`USER_ERRORS`, and argparse's usage errors) print one line ``diffplan: error: ...`` to stderr and
+exit with code 2; any other exception prints one ``diffplan: internal error: ...`` line and exits
+with code 1. ``--debug`` (anywhere on the command line) shows the traceback instead. Library
+warnings print as one ``diffplan: warning: ...`` line.
 
     diffplan data list                  tasks, and whether each dataset is made
     diffplan data make NAME [--force]   run a task's dataset recipe and cache it (Minari)
@@ -18,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,16 +33,29 @@ from pathlib import Path
 from diffplan.config import ConfigError
 from diffplan.data import DatasetError
 from diffplan.envs import UnknownTaskError
-from diffplan.train.checkpoint import CheckpointError
+from diffplan.policies.base import ActionError, ObservationError
+from diffplan.train.checkpoint import CheckpointError, latest_checkpoint
 
 # Exceptions that mean "the request was wrong", reported as one line (exit code 2).
-USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnknownTaskError, ConfigError,
-                                                 CheckpointError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (DatasetError, UnknownTaskError, ConfigError, CheckpointError,
+                                                 ObservationError, ActionError, OSError)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line, like every other error, and ``--debug`` on
+    every (sub)command."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="show the traceback of an error")
+
+    def error(self, message: str):
+        self.exit(2, f"diffplan: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="diffplan", description="Planning with diffusion models: data, training, evaluation.")
+    parser = _Parser(prog="diffplan", description="Planning with diffusion models: data, training, evaluation.")
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     add_data_commands(groups)
     add_policy_commands(groups)
@@ -45,15 +63,61 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        print(f"diffplan: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("diffplan: interrupted", file=sys.stderr)
-        return 130
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a usage error already printed
+        return int(done.code or 0)
+    debug = getattr(args, "debug", False)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return int(args.func(args) or 0)
+        except KeyboardInterrupt:
+            print("diffplan: interrupted", file=sys.stderr)
+            return 130
+        except Exception as err:
+            if debug:
+                raise
+            if isinstance(err, USER_ERRORS):
+                print(f"diffplan: error: {_one_line(err)}", file=sys.stderr)
+                return 2
+            print(f"diffplan: internal error: {type(err).__name__}: {_one_line(err)} "
+                  "(rerun with --debug for the traceback)", file=sys.stderr)
+            return 1
+
+
+def _one_line(err: BaseException) -> str:
+    return re.sub(r"\s*\n\s*", " ", str(err).strip()) or type(err).__name__
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"diffplan: warning: {_one_line(message)}", file=sys.stderr)
+
+
+def _at_least(low: int):
+    """An argparse type: a whole number >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"whole number >= {low}"
+    return parse
+
+
+def _list_of(item):
+    """An argparse type: comma-separated values of type ``item``."""
+
+    def parse(text: str) -> list:
+        return [item(part.strip()) for part in text.split(",")]
+
+    parse.__name__ = "comma-separated list"
+    return parse
 
 
 # ---- diffplan data ---------------------------------------------------------------------------
@@ -147,7 +211,7 @@ def add_policy_commands(groups) -> None:
     p = groups.add_parser("train", help="train a policy from a YAML config")
     p.add_argument("config", help="YAML config, e.g. configs/diffuser/pointmaze-umaze.yaml")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
-    p.add_argument("--steps", type=int, help="override train.steps")
+    p.add_argument("--steps", type=_at_least(1), help="override train.steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_train)
@@ -161,11 +225,13 @@ def add_policy_commands(groups) -> None:
 
     p = groups.add_parser("bench", help="act() latency, decisions/s and network evaluations")
     p.add_argument("checkpoint")
-    p.add_argument("--batch", default="1,64", help="comma-separated batch sizes (default 1,64)")
+    p.add_argument("--batch", type=_list_of(_at_least(1)), default=[1, 64],
+                   help="comma-separated batch sizes (default 1,64)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--steps", help="comma-separated solver step counts (default: the policy's)")
+    p.add_argument("--steps", type=_list_of(_at_least(1)), default=[None],
+                   help="comma-separated solver step counts (default: the policy's)")
     p.add_argument("--warm-start", action="store_true", help="warm-start replans from the last plan")
-    p.add_argument("--calls", type=int, default=200, help="act() calls timed per row")
+    p.add_argument("--calls", type=_at_least(1), default=200, help="act() calls timed per row")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -190,9 +256,9 @@ def add_policy_commands(groups) -> None:
 
 
 def _eval_args(p, episodes: int) -> None:
-    p.add_argument("--episodes", type=int, default=episodes)
-    p.add_argument("--num-envs", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--episodes", type=_at_least(1), default=episodes)
+    p.add_argument("--num-envs", type=_at_least(1), default=10)
+    p.add_argument("--seed", type=_at_least(0), default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--video", action="store_true", help="also write an animated GIF of one episode")
 
@@ -211,6 +277,10 @@ def cmd_train(args) -> int:
     path = _find(args.config)
     cfg = read_config(path)
     out = Path(args.out or Path("runs") / path.stem)
+    latest = latest_checkpoint(out)
+    if latest is not None and not args.resume:
+        raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}); pass --resume to "
+                          "continue it, or --out to train into another folder")
     print(f"training {cfg['kind']} on {cfg.get('task') or cfg.get('dataset')} -> {out}")
     train_policy(cfg, out, steps=args.steps, device=args.device, resume=args.resume)
     print(f"done: load it with diffplan.load_policy({str(out)!r}) or `diffplan eval {out}`")
@@ -259,10 +329,8 @@ def cmd_bench(args) -> int:
     from diffplan.runtime.bench import bench_policy, format_table
 
     policy = load_policy(_find(args.checkpoint), device=args.device)
-    batches = [int(b) for b in args.batch.split(",")]
-    steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
     rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None)
-            for b in batches for s in steps]
+            for b in args.batch for s in args.steps]
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, TypeVar
+
+import torch
 
 T = TypeVar("T")
 
@@ -13,11 +16,15 @@ class ConfigError(ValueError):
 
 
 def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise ``ConfigError`` naming them.
+    """Build dataclass ``cls`` from ``data``, checking every value against the field's type.
 
-    Nested dataclasses are built recursively and lists become tuples where the field is a tuple.
+    Unknown keys and values of the wrong type raise ``ConfigError`` naming them. Nested dataclasses
+    are built recursively, lists become tuples where the field is a tuple, ints are accepted for
+    floats, and numeric strings for numbers (YAML 1.1 reads ``2e-4`` as a string). Checks in the
+    dataclass's ``__post_init__`` that raise ``ValueError`` become ``ConfigError`` too.
     """
-    data = dict(data or {})
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -30,30 +37,110 @@ def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
-        kwargs[name] = _coerce(hints.get(name), value, f"{where}.{name}")
+        if value is None and fields[name].default is None:
+            kwargs[name] = None
+        else:
+            kwargs[name] = _coerce(hints.get(name, Any), value, f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except TypeError as e:  # missing required fields
+    except (TypeError, ValueError) as e:  # missing required fields, range checks
         raise ConfigError(f"{where}: {e}") from None
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
-    if hint is None or value is None:
+    """``value`` as type ``hint``, or ``ConfigError`` naming ``where`` and what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
         return value
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        return from_dict(hint, value, where)
-    origin = typing.get_origin(hint)
-    if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(value)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        for arg in typing.get_args(hint):
-            if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                return from_dict(arg, value, where)
-            if typing.get_origin(arg) is tuple and isinstance(value, (list, tuple)):
-                return tuple(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, where)
+            except ConfigError:
+                pass
+        raise _wrong(hint, value, where)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, args))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if isinstance(value, dict):
+            return from_dict(hint, value, where)
+        raise _wrong(hint, value, where)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise _wrong(hint, value, where)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+            items = [_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value))]
+        else:
+            items = [_coerce(args[0] if args else Any, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return origin(items)
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise _wrong(hint, value, where)
+        return value
+    if hint in (int, float):
+        return _number(hint, value, where)
+    if isinstance(hint, type) and not isinstance(value, hint):
+        raise _wrong(hint, value, where)
     return value
+
+
+def _number(kind: type, value: Any, where: str) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _wrong(kind, value, where)
+    try:
+        number = float(value)
+    except ValueError:
+        raise _wrong(kind, value, where) from None
+    if kind is float:
+        return number
+    if not number.is_integer():
+        raise ConfigError(f"{where}: expected a whole number, got {value!r}")
+    return int(number)
+
+
+def _wrong(hint: Any, value: Any, where: str) -> ConfigError:
+    names = {int: "a whole number", float: "a number", bool: "true or false", str: "a string"}
+    expected = names.get(hint) or getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    if dataclasses.is_dataclass(hint):
+        expected = f"a mapping of {hint.__name__} settings"
+    return ConfigError(f"{where}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def check_fields(obj: Any, where: str | None = None) -> None:
+    """Check every field of the dataclass instance ``obj`` against its type, converting in place
+    as ``from_dict`` does (for configs built in Python, in ``__post_init__``)."""
+    where = where or type(obj).__name__
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is not None or f.default is not None:
+            setattr(obj, f.name, _coerce(hints.get(f.name, Any), value, f"{where}.{f.name}"))
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1", "mps") as a device this machine has, or ``ConfigError``."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {str(name)!r}; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {str(name)!r} is not available: this torch build or machine has no "
+                              "CUDA GPU (use --device cpu)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {str(name)!r} is not available: "
+                              f"this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device {str(name)!r} is not available on this machine (use --device cpu)")
+    return device
 
 
 def to_dict(obj: Any) -> Any:

@@ -18,7 +18,7 @@ class CountingPolicy:
         self.calls = []
         self.per_step_ms = per_step_ms
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         self.calls.append({"batch": obs.shape[0], "warm": warm, "t_start": t_start, "steps": steps})
         if self.per_step_ms:
             time.sleep(self.per_step_ms * steps / 1e3)
@@ -161,7 +161,7 @@ class CandidatePolicy(CountingPolicy):
 
     noise_samples = 3
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         self.calls.append({"noise": noise.clone()})
         return noise[:, 0] + obs[:, None, :1]
 

@@ -56,6 +56,18 @@ class Normalizer(nn.Module):
     def forward(self, x: Array) -> Array:
         return self.normalize(x)
 
+    def check(self) -> None:
+        """``ValueError`` if the statistics cannot normalize: NaN or inf, or a scale <= 0. ``fit``
+        never makes one (constant dimensions get scale 1), so such statistics were corrupted."""
+        shift, scale = self._shift_scale()
+        if not (torch.isfinite(shift).all() and torch.isfinite(scale).all()):
+            raise ValueError(f"{type(self).__name__} statistics hold NaN or inf")
+        bad = torch.nonzero(scale <= 0).flatten().tolist()
+        if bad:
+            raise ValueError(f"{type(self).__name__} has a zero or negative scale in dimension(s) {bad[:8]}; "
+                             "a fitted normalizer never does (constant dimensions get scale 1), so its "
+                             "statistics are corrupt")
+
     def _elementwise(self, x: Array, fn, shift: torch.Tensor, scale: torch.Tensor) -> Array:
         if x.shape[-1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects a last axis of size {self.dim}, "

@@ -22,6 +22,7 @@ from .solvers import (
     euler,
     heun,
     noise_level,
+    randn,
     sample,
     time_grid,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "make_denoiser",
     "noise_level",
     "noise_to",
+    "randn",
     "sample",
     "target",
     "time_grid",

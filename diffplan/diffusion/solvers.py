@@ -8,6 +8,10 @@ Every solver is ``solver(denoise, x, ts, schedule, ...) -> x`` where
   returns the sample at ``ts[-1]`` (``0``: clean). Truncated sampling, warm starts and
   ``diffusers``-style discrete grids are all just other grids.
 
+Stochastic steps (``ddpm``, ``ddim`` with ``eta > 0``) draw their noise with :func:`randn`: from one
+``generator``, or from one generator per env (a list), so that an env's plan does not depend on
+the batch it is planned in.
+
 Optional hooks, both plain callables: ``guide(x, i) -> x`` runs before the (first) denoiser call
 of step ``i``; ``constrain(x) -> x`` runs after every step (inpainting). ``sample()`` builds them.
 
@@ -22,7 +26,7 @@ from ``t = ts[i]`` to ``s = ts[i + 1]``; ``alpha_t, sigma_t`` etc. are the sched
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -35,6 +39,23 @@ Hook = Callable[..., torch.Tensor] | None
 
 # --- shared pieces ------------------------------------------------------------------------------
 Grid = tuple  # decreasing noise levels as Python floats
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn(shape, generator: Generators = None, device=None, dtype=None) -> torch.Tensor:
+    """Standard normal noise of ``shape`` ``(B, ...)``.
+
+    ``generator``: one generator (None: torch's global one), or a sequence of ``G`` generators, one
+    per env, where ``G`` divides ``B``: env ``g`` fills the rows ``[g B/G, (g+1) B/G)`` from its own
+    (CPU) generator in float32, so its noise is the same whatever else is in the batch.
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    shape = tuple(shape)
+    if not generator or shape[0] % len(generator):
+        raise ValueError(f"{len(generator)} generators cannot fill a batch of {shape[0]} rows")
+    rows = (shape[0] // len(generator), *shape[1:])
+    return torch.cat([torch.randn(rows, generator=g) for g in generator]).to(device=device, dtype=dtype)
 
 
 def as_grid(ts) -> Grid:
@@ -62,24 +83,23 @@ def _batch_times(ts: Grid, x: torch.Tensor):
     return torch.tensor(ts, dtype=dtype, device=x.device)[:, None].expand(-1, x.shape[0]).unbind(0)
 
 
-def _first_order(denoise: Denoiser, x: torch.Tensor, ts: Grid, k_x, k_d, k_z=None, generator=None,
+def _first_order(denoise: Denoiser, x: torch.Tensor, ts: Grid, k_x, k_d, k_z=None, generator: Generators = None,
                  guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
     """The loop every one-evaluation-per-step solver shares: ``x <- k_x x + k_d D(x, t) + k_z z``."""
     times = _batch_times(ts, x)
-    z = None if k_z is None else torch.empty_like(x)
     for i in range(len(k_x)):
         if guide is not None:
             x = guide(x, i)
         x = torch.add(k_x[i] * x, denoise(x, times[i]), alpha=k_d[i])
-        if z is not None:
-            x = torch.add(x, z.normal_(generator=generator), alpha=k_z[i])
+        if k_z is not None:
+            x = torch.add(x, randn(x.shape, generator, x.device, x.dtype), alpha=k_z[i])
         if constrain is not None:
             x = constrain(x)
     return x
 
 
 # --- solvers ------------------------------------------------------------------------------------
-def ddpm(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, generator: torch.Generator | None = None,
+def ddpm(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, generator: Generators = None,
          guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior ``q(x_s | x_t, x0 = D(x_t))`` (Ho et al. 2020, eqs. 6-7).
 
@@ -106,7 +126,7 @@ def ddpm_coefficients(schedule: Schedule, ts: Grid):
 
 
 def ddim(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, eta: float = 0.0,
-         generator: torch.Generator | None = None, guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
+         generator: Generators = None, guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z``.
 
     ``eps_hat = (x_t - alpha_t x0) / sigma_t`` and ``c = eta * sqrt(var of q(x_s | x_t, x0))``
@@ -248,7 +268,7 @@ def noise_level(schedule: Schedule, t: float) -> tuple[float, float]:
 
 def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: str = "dpmpp_2m", steps: int = 10,
            t_start: float = 1.0, t_end: float = 0.0, constraints=None, guidance=None,
-           generator: torch.Generator | None = None, noise_prior: bool = True, eta: float | None = None,
+           generator: Generators = None, noise_prior: bool = True, eta: float | None = None,
            ts=None) -> torch.Tensor:
     """Sample ``x0 (B, H, D)`` with ``solver`` on the grid ``time_grid(steps, t_start, t_end)`` (uniform in ``t``).
 
@@ -261,7 +281,8 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
     * ``guidance``: a ``ValueGuidance``, applied before the denoiser call of each step with
       ``t >= guidance.t_stopgrad``.
     * ``eta``: DDIM's stochasticity (``solver="ddim"`` only; default 0).
-    * ``generator``: makes the start noise and the ddpm/ddim noise reproducible.
+    * ``generator``: makes the start noise and the ddpm/ddim noise reproducible; a list of one
+      generator per env (see :func:`randn`) makes each env's sample independent of the batch.
     * ``ts``: an explicit decreasing grid, tensor or sequence (e.g.
       ``schedule.discrete(T).grid(diffusers_timesteps)``), overriding ``steps, t_start, t_end``.
     """
@@ -292,7 +313,7 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
 
     x = x_init
     if noise_prior:
-        eps = torch.randn(x_init.shape, generator=generator, device=x_init.device, dtype=x_init.dtype)
+        eps = randn(x_init.shape, generator, x_init.device, x_init.dtype)
         a0, s0 = noise_level(schedule, ts[0])
         x = s0 * eps if ts[0] >= 1 else torch.add(a0 * x_init, eps, alpha=s0)
     if constrain is not None:

@@ -104,6 +104,8 @@ def evaluate(policy, task, episodes: int = 100, num_envs: int = 10, seed: int = 
     """
     from diffplan.envs import get_task
 
+    if episodes < 1 or num_envs < 1:
+        raise ValueError(f"evaluate needs episodes >= 1 and num_envs >= 1, got {episodes} and {num_envs}")
     card = get_task(task) if isinstance(task, str) else task
     trained_for = getattr(getattr(policy, "spec", None), "task", None)
     if trained_for is not None and trained_for != card.name:

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffplan.data.windows import discounted_returns
+from diffplan.diffusion import randn
 from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
@@ -445,17 +446,19 @@ class AnchoredDiffusionPolicy(PolicyBase):
                 x = torch.add(x0.mul(a_next - s_next * a / s), x, alpha=s_next / s)
         return x0, logits
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """obs (B, obs_dim), goal (B, goal_dim)|None, noise (B, H_a, act_dim) ->
         unnormalized action chunks (B, H_a, act_dim) of the chosen queries.
 
         ``t_start`` of the runtime is ignored unless warm-starting: the start level is the
-        truncation level (or ``config.t_start``)."""
+        truncation level (or ``config.t_start``). With ``temperature > 0`` the query is sampled
+        with ``generator`` (one per env, or one)."""
         ts = t_start if warm is not None else None
         x0, logits = self.denoise_anchors(obs, goal, noise, steps=steps, t_start=ts)
         if self.config.temperature > 0:
-            probs = torch.softmax(logits / self.config.temperature, -1)
-            pick = torch.multinomial(probs, 1).squeeze(1)
+            cdf = torch.softmax(logits.float() / self.config.temperature, -1).cumsum(-1)
+            u = torch.special.ndtr(randn((cdf.shape[0], 1), generator, cdf.device))  # uniform on (0, 1)
+            pick = (cdf < u).sum(-1).clamp(max=cdf.shape[1] - 1)  # inverse-CDF draw of a query
         else:
             pick = logits.argmax(-1)
         chosen = x0[torch.arange(x0.shape[0], device=x0.device), pick]

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffplan.config import ConfigError, from_dict, to_dict
+from diffplan.config import ConfigError, from_dict, resolve_device, to_dict
+from diffplan.data.normalizers import Normalizer
 from diffplan.runtime.planner import Planner, PlannerConfig
 
 POLICIES: dict[str, type["PolicyBase"]] = {}
@@ -31,6 +32,10 @@ def register_policy(cls):
 
 class ObservationError(ValueError):
     """An observation given to ``act`` has the wrong keys, shape or values."""
+
+
+class ActionError(FloatingPointError):
+    """``act`` computed NaN actions (the weights or normalizer statistics in memory are not finite)."""
 
 
 @dataclass
@@ -267,7 +272,24 @@ class PolicyBase(nn.Module):
         with torch.autocast(self.device.type, dtype=getattr(torch, dtype or "bfloat16"), enabled=dtype is not None):
             action = self.planner.act(obs_t, goal_t, budget_ms=budget_ms)
         out = self.action_to_env(action.float()).cpu().numpy()
+        if np.isnan(out).any():
+            raise ActionError(f"{type(self).__name__}.act computed NaN actions for env(s) "
+                              f"{np.flatnonzero(np.isnan(out).any(-1)).tolist()[:8]}: "
+                              f"{self.state_problem() or 'no weight or statistic is NaN or inf; the plan overflowed'}")
         return out if batched else out[0]
+
+    def state_problem(self) -> str | None:
+        """What in the state dict cannot act (NaN or inf weights, a normalizer's zero scale), or None."""
+        for name, value in self.state_dict().items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
+                return f"{name} holds NaN or inf values"
+        for name, module in self.named_modules():
+            if isinstance(module, Normalizer):
+                try:
+                    module.check()
+                except ValueError as e:
+                    return f"{name}: {e}"
+        return None
 
     def prepare_obs(self, obs) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
         """Check and convert an env observation to tensors ``(B, obs_dim)``, ``(B, goal_dim)|None``."""
@@ -295,7 +317,10 @@ class PolicyBase(nn.Module):
 
     @staticmethod
     def _as_array(value, dim: int, name: str) -> np.ndarray:
-        arr = np.asarray(value, dtype=np.float32)
+        arr = np.asarray(value)
+        if arr.dtype.kind not in "biuf":  # complex would lose its imaginary part, objects turn into NaN
+            raise ObservationError(f"{name} has dtype {arr.dtype}; expected real numbers (float or int)")
+        arr = arr.astype(np.float32, copy=False)
         if arr.ndim not in (1, 2) or arr.shape[-1] != dim:
             raise ObservationError(f"{name} has shape {arr.shape}, expected ({dim},) or (batch, {dim})")
         if not np.isfinite(arr).all():
@@ -421,16 +446,24 @@ class PolicyBase(nn.Module):
         return Path(path)
 
 
+CHECKPOINT_KEYS = ("kind", "spec", "policy", "train", "data")  # the top level of a checkpoint's config.yaml
+
+
 def load_policy(path, device: str | torch.device = "cpu", task: str | None = None) -> PolicyBase:
     """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint).
 
     ``task``: if given, refuse a checkpoint trained for another task, naming both.
     """
-    from diffplan.train.checkpoint import load_checkpoint
+    from diffplan.train.checkpoint import CheckpointError, check_shapes, load_checkpoint
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
+    device = resolve_device(device)
     ckpt = load_checkpoint(path)
     cfg = ckpt.config
+    unknown = sorted(set(cfg) - set(CHECKPOINT_KEYS))
+    if unknown:
+        raise ConfigError(f"{ckpt.path}/config.yaml: unknown top-level key(s) {', '.join(map(repr, unknown))}; "
+                          f"valid keys: {', '.join(CHECKPOINT_KEYS)}")
     kind = cfg.get("kind")
     if kind not in POLICIES:
         raise ConfigError(f"{ckpt.path}: unknown policy kind {kind!r}; known kinds: {', '.join(sorted(POLICIES))}")
@@ -438,9 +471,14 @@ def load_policy(path, device: str | torch.device = "cpu", task: str | None = Non
     trained_for = policy.spec.task
     if task is not None and trained_for is not None and task != trained_for:
         raise ConfigError(f"checkpoint {ckpt.path} was trained for task {trained_for!r}, not {task!r}")
+    where = f"{ckpt.path}/model.safetensors"
+    check_shapes(ckpt.model_state, policy.state_dict(), where)
     missing, unexpected = policy.load_state_dict(ckpt.model_state, strict=False)
     if missing or unexpected:
-        raise ConfigError(f"{ckpt.path}/model.safetensors does not match a {kind} policy built from its "
+        raise ConfigError(f"{where} does not match a {kind} policy built from its "
                           f"config.yaml: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    problem = policy.state_problem()
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
     policy.checkpoint_path = Path(ckpt.path)
     return policy.to(device).eval()

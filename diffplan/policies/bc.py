@@ -72,7 +72,7 @@ class BCPolicy(PolicyBase):
         mse = (self(batch["obs"], batch.get("goal")) - target).pow(2).mean()
         return mse, {"mse": mse.detach()}
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """-> unnormalized actions (B, 1, act_dim); the noise is not used."""
         return self.action_normalizer.unnormalize(self(obs, goal))[:, None]
 

@@ -32,6 +32,7 @@ from diffplan.diffusion import (
     diffusion_loss,
     make_denoiser,
     noise_level,
+    randn,
     sample,
 )
 from diffplan.nn import TemporalUNet
@@ -198,14 +199,15 @@ class DiffuserPlanner(PolicyBase):
         from the env's own noise generator."""
         return self.config.n_samples if self.value is not None and self.config.temperature > 0 else 1
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
-        ``noise_samples = n`` candidates -> normalized plans (B, H, D)."""
+        ``noise_samples = n`` candidates -> normalized plans (B, H, D). ``generator``: one per env
+        (or one), for the stochastic solver steps (``solver: ddpm``)."""
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         n = self.noise_samples
         if n > 1:  # value guidance: n candidate plans per env, keep the best
-            obs, noise = obs.repeat_interleave(n, 0), _candidates(noise, n)
+            obs, noise = obs.repeat_interleave(n, 0), _candidates(noise, n, generator)
             goal = None if goal is None else goal.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
         a, s = noise_level(self.schedule, t_start)  # cached floats
@@ -218,7 +220,7 @@ class DiffuserPlanner(PolicyBase):
                                      t_stopgrad=cfg.t_stopgrad)
         plans = sample(denoise, x_init, schedule=self.schedule, solver=cfg.solver, steps=steps,
                        t_start=t_start, constraints=self.constraints(obs, goal), guidance=guidance,
-                       noise_prior=False)
+                       noise_prior=False, generator=generator)
         if n > 1:
             values = self.value(plans, torch.zeros(plans.shape[0], device=plans.device))
             best = values.view(-1, n).argmax(1) + torch.arange(0, plans.shape[0], n, device=plans.device)
@@ -322,13 +324,13 @@ def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch
     return kp * (wp[:, :k] - obs[:, :k]) + kd * (vel - obs[:, k: 2 * k])
 
 
-def _candidates(noise: torch.Tensor, n: int) -> torch.Tensor:
+def _candidates(noise: torch.Tensor, n: int, generator=None) -> torch.Tensor:
     """Noise of n candidate plans per env, flattened to (B n, H, D). ``noise`` is (B, n, H, D)
     (the planner draws it from each env's generator) or (B, H, D): then it is the first
-    candidate and the other n-1 come from the global torch RNG."""
+    candidate and the other n-1 come from ``generator`` (one per env, or one; None: torch's global one)."""
     if noise.dim() == 4:
         if noise.shape[1] != n:
             raise ValueError(f"noise has {noise.shape[1]} candidates per env, the config asks for n_samples={n}")
         return noise.flatten(0, 1)
-    extra = torch.randn((noise.shape[0], n - 1) + noise.shape[1:], device=noise.device, dtype=noise.dtype)
+    extra = randn((noise.shape[0], n - 1) + noise.shape[1:], generator, noise.device, noise.dtype)
     return torch.cat([noise[:, None], extra], 1).flatten(0, 1)

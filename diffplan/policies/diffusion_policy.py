@@ -85,7 +85,7 @@ class DiffusionPolicy(PolicyBase):
         return loss, {"diffusion": loss.detach()}
 
     # ------------------------------------------------------------------ acting
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """obs (B, obs_dim), goal (B, goal_dim)|None, noise (B, H, act_dim) -> actions (B, H, act_dim)."""
         from diffplan.diffusion import make_denoiser, sample
 
@@ -99,7 +99,7 @@ class DiffusionPolicy(PolicyBase):
             unclipped = denoise
             denoise = lambda x, t: torch.maximum(torch.minimum(unclipped(x, t), hi), lo)  # noqa: E731
         x0 = sample(denoise, x_init, schedule=self.schedule, solver=self.config.solver, steps=steps,
-                    t_start=t_start, noise_prior=False)
+                    t_start=t_start, noise_prior=False, generator=generator)
         return self.action_normalizer.unnormalize(x0)
 
     def action_at(self, plans, index, obs, goal):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import yaml
 
 from diffplan.config import ConfigError, from_dict
@@ -49,6 +50,8 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
     """Build the policy from ``cfg`` and its dataset, train it, and return it (EMA weights).
 
     Checkpoints go to ``out_dir/checkpoints/step-*/``; ``load_policy(out_dir)`` loads the latest.
+    The run is a function of ``train.seed``: it seeds the network initialization here and the data
+    order and per-step randomness in the Trainer.
     """
     import diffplan.policies  # noqa: F401  (registers every kind)
     from diffplan.data import load
@@ -66,12 +69,13 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
     if device is not None:
         train_cfg["device"] = device
     train_cfg.setdefault("progress", progress)
-    tcfg = from_dict(TrainConfig, train_cfg, "train") if not hasattr(TrainConfig, "from_dict") \
-        else TrainConfig.from_dict(train_cfg)
+    tcfg = from_dict(TrainConfig, train_cfg, "train")
     pcfg = from_dict(cls.Config, cfg.get("policy"), "policy")
     if dataset is None:
         dataset = load(cfg.get("dataset") or cfg["task"])
-    policy = cls.from_dataset(dataset, pcfg)
+    with torch.random.fork_rng(devices=[]):  # network init, like the data order, is a function of train.seed
+        torch.manual_seed(tcfg.seed)
+        policy = cls.from_dataset(dataset, pcfg)
     run_config = policy.run_config(train=_plain(tcfg),
                                    data={"task": cfg.get("task"), "dataset": cfg.get("dataset")})
     trainer = Trainer(policy, policy.batches(dataset, tcfg.batch_size), tcfg, out_dir, run_config=run_config)

@@ -475,7 +475,7 @@ class TrajectoryDiffuser(PolicyBase):
 
         return cfg_denoiser(denoise_cond, net_cond, torch.zeros_like(net_cond), cfg.guidance_w)
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=None, steps=None):
+    def plan(self, obs, goal, noise, *, warm=None, t_start=None, steps=None, generator=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) standard normal ->
         normalized plans (B, H, D).
 
@@ -493,9 +493,10 @@ class TrajectoryDiffuser(PolicyBase):
         constraints = self.constraints(obs, goal)
         x = constraints.apply(self.draft(obs, cond) if warm is None else warm)
         return self.refine(x, cond, constraints, noise, t_start=t_start, steps=steps,
-                           noised=cfg.noise_draft or warm is not None)
+                           noised=cfg.noise_draft or warm is not None, generator=generator)
 
-    def refine(self, x, cond, constraints, noise, *, t_start: float, steps: int, noised: bool = True):
+    def refine(self, x, cond, constraints, noise, *, t_start: float, steps: int, noised: bool = True,
+               generator=None):
         """``steps`` solver steps on the normalized trajectories ``x`` (B, H, D), constrained, from
         ``t_start``: ``x`` is noised to ``t_start`` first when ``noised`` (replaced by noise at
         ``t_start = 1``). ``steps = 0`` returns ``x``."""
@@ -507,7 +508,7 @@ class TrajectoryDiffuser(PolicyBase):
         elif noised:
             x = torch.add(alpha * x, noise, alpha=sigma)
         return sample(self.denoiser(cond), x, schedule=self.schedule, solver=self.config.solver, steps=steps,
-                      t_start=t_start, constraints=constraints, noise_prior=False)
+                      t_start=t_start, constraints=constraints, noise_prior=False, generator=generator)
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
         """Unnormalized states (B, H, obs_dim) of normalized plans, e.g. for plots."""

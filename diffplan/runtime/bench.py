@@ -77,6 +77,8 @@ def example_observations(policy, batch: int, seed: int = 0):
 def bench_policy(policy, batch: int = 1, calls: int = 200, steps: int | None = None,
                  warm_start: bool | None = None, seed: int = 0) -> BenchResult:
     """Time ``policy.act`` over ``calls`` decisions at ``batch`` envs (observations held fixed)."""
+    if batch < 1 or calls < 1:
+        raise ValueError(f"bench_policy needs batch >= 1 and calls >= 1, got batch={batch}, calls={calls}")
     planner = policy.planner
     cfg = planner.config
     saved = (cfg.steps, cfg.warm_start)

@@ -23,6 +23,8 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
+from diffplan.diffusion.solvers import Generators, randn
+
 
 class Plannable(Protocol):
     """What the planner needs from a policy."""
@@ -34,10 +36,12 @@ class Plannable(Protocol):
 
     def plan(self, obs: torch.Tensor, goal: torch.Tensor | None, noise: torch.Tensor, *,
              warm: torch.Tensor | None = None, t_start: float = 1.0,
-             steps: int | None = None) -> torch.Tensor:
+             steps: int | None = None, generator: Generators = None) -> torch.Tensor:
         """obs: (B, obs_dim) normalized or raw as the policy likes; noise: (B, H, D) standard normal
         ((B, n, H, D) for a policy with ``noise_samples = n > 1``).
         warm: (B, H, D) previous plan shifted to the present, to be noised to ``t_start``.
+        generator: one per env (the planner's); every further random draw of a plan (stochastic
+        solver steps, sampling a candidate) comes from it, e.g. with ``diffusion.randn``.
         Returns plans (B, H, D)."""
 
     def action_at(self, plans: torch.Tensor, index: torch.Tensor, obs: torch.Tensor,
@@ -79,8 +83,9 @@ class Planner:
         self._plans: torch.Tensor | None = None  # (B, H, D)
         self._index = np.zeros(0, dtype=np.int64)  # position of each env in its plan
         self._valid = np.zeros(0, dtype=bool)  # env has a plan it may continue or warm-start from
-        self._generators: list[torch.Generator] = []
-        self._pending_seeds: list[int] | None = None
+        self._generators: list[torch.Generator] = []  # one per env: every random draw of its plans
+        self._seed: int | list[int] | None = None  # the last reset(seed=...)
+        self._reseed = False  # reseed the generators on the next act
         self._cost: dict[tuple[int, bool], tuple[float, float]] = {}  # (B, warm) -> (fixed_ms, per_step_ms)
         self.latencies_ms: collections.deque[float] = collections.deque(maxlen=10_000)
         self.last_latency_ms = 0.0
@@ -94,10 +99,12 @@ class Planner:
 
         ``seed`` reseeds the noise generators: an int gives env ``i`` the seed ``seed + i``, a
         list gives one seed per env. Without it, generators continue their streams (initially
-        seeded from ``config.seed`` and the env index).
+        seeded from ``config.seed`` and the env index). The seed is kept: when the batch size
+        changes, the new generators are seeded from it again, never from OS entropy.
         """
         if seed is not None:
-            self._pending_seeds = [int(seed) + i for i in range(1 << 16)] if np.isscalar(seed) else [int(v) for v in seed]
+            self._seed = int(seed) if np.isscalar(seed) else [int(v) for v in seed]
+            self._reseed = True
         if mask is None:
             self._plans = None
             self._valid = np.zeros(0, dtype=bool)
@@ -109,33 +116,34 @@ class Planner:
             raise ValueError(f"reset mask has {mask.shape[0]} entries but the planner serves "
                              f"{self._valid.shape[0]} envs")
         self._valid[mask] = False
-        if self._pending_seeds is not None:
+        if self._reseed:
             for i in np.flatnonzero(mask):
-                self._generators[i].manual_seed(self._pending_seeds[i])
-            self._pending_seeds = None
+                self._generators[i].manual_seed(self._env_seed(i))
+            self._reseed = False
+
+    def _env_seed(self, i: int) -> int | None:
+        """Env ``i``'s noise seed: from the last ``reset(seed=...)``, else from ``config.seed``
+        (None: unseeded)."""
+        if isinstance(self._seed, list):
+            if i >= len(self._seed):
+                raise ValueError(f"reset got {len(self._seed)} seeds for a batch of more envs")
+            return self._seed[i]
+        if self._seed is not None:
+            return self._seed + i
+        return None if self.config.seed is None else int(self.config.seed) * 1_000_003 + i
 
     def _ensure_batch(self, batch: int, device: torch.device) -> None:
-        if self._plans is not None and self._plans.shape[0] == batch and self._plans.device == device:
-            if self._pending_seeds is not None:  # reset(seed=...) of every env
-                for i, g in enumerate(self._generators):
-                    g.manual_seed(self._pending_seeds[i])
-                self._pending_seeds = None
-            return
-        h, d = self.policy.plan_shape
-        self._plans = torch.zeros(batch, h, d, device=device)
-        self._index = np.zeros(batch, dtype=np.int64)
-        self._valid = np.zeros(batch, dtype=bool)
-        if len(self._generators) != batch or self._pending_seeds is not None:
-            seeds = self._pending_seeds
-            if seeds is None:
-                base = self.config.seed
-                seeds = [None if base is None else int(base) * 1_000_003 + i for i in range(batch)]
-            elif len(seeds) < batch:
-                raise ValueError(f"reset got {len(seeds)} seeds for a batch of {batch} envs")
+        if self._plans is None or self._plans.shape[0] != batch or self._plans.device != device:
+            h, d = self.policy.plan_shape
+            self._plans = torch.zeros(batch, h, d, device=device)
+            self._index = np.zeros(batch, dtype=np.int64)
+            self._valid = np.zeros(batch, dtype=bool)
+        if len(self._generators) != batch or self._reseed:
+            seeds = [self._env_seed(i) for i in range(batch)]
             self._generators = [torch.Generator(device="cpu") for _ in range(batch)]
             for g, sd in zip(self._generators, seeds):
                 g.manual_seed(sd) if sd is not None else g.seed()
-            self._pending_seeds = None
+            self._reseed = False
 
     # ---------------------------------------------------------------- acting
     def act(self, obs: torch.Tensor, goal: torch.Tensor | None = None,
@@ -175,8 +183,8 @@ class Planner:
             stride = getattr(self.policy, "plan_stride", 1)  # env steps per plan state
             k = torch.as_tensor(self._index[rows] // stride, device=obs.device)
             kwargs = dict(warm=shift_plans(prev, k), t_start=cfg.t_warm)
-        plans = self.policy.plan(obs[sel], None if goal is None else goal[sel], noise,
-                                 steps=steps, **kwargs)
+        plans = self.policy.plan(obs[sel], None if goal is None else goal[sel], noise, steps=steps,
+                                 generator=[self._generators[i] for i in rows], **kwargs)
         self._plans[sel] = plans
         self._index[rows] = 0
         self._valid[rows] = True
@@ -189,9 +197,7 @@ class Planner:
         return tuple(self.policy.plan_shape) if n == 1 else (n, *self.policy.plan_shape)
 
     def _noise(self, rows: np.ndarray, device, dtype) -> torch.Tensor:
-        shape = self._noise_shape()
-        eps = torch.stack([torch.randn(shape, generator=self._generators[i]) for i in rows])
-        return eps.to(device=device, dtype=dtype)
+        return randn((len(rows), *self._noise_shape()), [self._generators[i] for i in rows], device, dtype)
 
     # ---------------------------------------------------------------- latency budget
     def _steps_for(self, batch: int, warm: bool, budget_ms: float | None, obs, goal) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "TRAINER_STATE_FILE",
     "Checkpoint",
     "CheckpointError",
+    "check_shapes",
     "checkpoint_dirs",
     "latest_checkpoint",
     "load_checkpoint",
@@ -72,6 +73,16 @@ class Checkpoint:
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def check_shapes(state: dict[str, Any], expected: dict[str, Any], where: str | os.PathLike) -> None:
+    """``CheckpointError`` naming the first tensor of ``state`` whose shape differs from the same
+    entry of ``expected`` (a freshly built module's ``state_dict()``), with both shapes."""
+    for name, value in state.items():
+        want = expected.get(name)
+        if isinstance(value, torch.Tensor) and isinstance(want, torch.Tensor) and value.shape != want.shape:
+            raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, but the model "
+                                  f"built from config.yaml expects {tuple(want.shape)}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from diffplan.config import resolve_device
+
 __all__ = [
     "barrier",
     "is_distributed",
@@ -53,7 +55,7 @@ def setup(device: str | torch.device = "cpu") -> tuple[torch.device, bool]:
     whether this call made the group (and so whether `teardown` should destroy it): a group the
     caller already made is left alone.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device, False
     if device.type == "cuda":

@@ -21,7 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from diffplan.config import ConfigError, check_fields, from_dict
 from diffplan.train import distributed as dist_
 from diffplan.train.checkpoint import (
     CHECKPOINTS_SUBDIR,
+    OPTIMIZER_FILE,
     CheckpointError,
+    check_shapes,
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
@@ -61,7 +64,7 @@ class TrainConfig:
     grad_clip: float | None = 1.0  # max global grad norm; None: no clipping
     ema_decay: float = 0.995
     ema_every: int = 1
-    seed: int = 0
+    seed: int = 0  # data order, per-step randomness and (in train_policy) network initialization
     log_every: int = 100
     ckpt_every: int = 5000
     keep_last: int = 2  # step-* folders kept; 0 keeps all
@@ -71,73 +74,31 @@ class TrainConfig:
     ddp_find_unused: bool = False  # DDP find_unused_parameters, for losses that skip some params
 
     def __post_init__(self) -> None:
-        # YAML 1.1 reads `2e-4` and `1e5` as strings; accept them, and name the field otherwise.
-        for name in (
-            "steps",
-            "batch_size",
-            "warmup_steps",
-            "ema_every",
-            "seed",
-            "log_every",
-            "ckpt_every",
-            "keep_last",
-        ):
-            setattr(self, name, _as_number(self, name, int))
-        for name in ("lr", "weight_decay", "min_lr_ratio", "ema_decay"):
-            setattr(self, name, _as_number(self, name, float))
-        if self.grad_clip is not None:
-            self.grad_clip = _as_number(self, "grad_clip", float)
-        for name in ("bf16", "progress", "ddp_find_unused"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")  # noqa: TRY004
-        try:
-            self.betas = tuple(float(b) for b in self.betas)
-        except (TypeError, ValueError):
-            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}") from None
-        if len(self.betas) != 2:
-            raise ValueError(f"TrainConfig.betas must be two numbers, got {self.betas!r}")
+        check_fields(self)
         if self.lr_schedule not in ("cosine", "constant"):
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.lr_schedule must be 'cosine' or 'constant', got {self.lr_schedule!r}"
             )
-        for name in ("steps", "warmup_steps", "seed", "keep_last"):
+        for name in ("warmup_steps", "seed", "keep_last", "weight_decay", "min_lr_ratio"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("batch_size", "ema_every", "log_every", "ckpt_every"):
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "ema_every", "log_every", "ckpt_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "grad_clip"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ConfigError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay <= 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
+            raise ConfigError(f"TrainConfig.ema_decay must be in [0, 1], got {self.ema_decay}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown TrainConfig key(s): {', '.join(unknown)} (known: {', '.join(sorted(known))})"
-            )
-        return cls(**d)
+        return from_dict(cls, dict(d), "train")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["betas"] = list(self.betas)
         return d
-
-
-def _as_number(config: TrainConfig, name: str, kind: type) -> Any:
-    value = getattr(config, name)
-    if isinstance(value, bool):
-        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}")  # noqa: TRY004
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"TrainConfig.{name} must be a number, got {value!r}") from None
-    if kind is int:
-        if not number.is_integer():
-            raise ValueError(f"TrainConfig.{name} must be a whole number, got {value!r}")
-        return int(number)
-    return number
 
 
 def learning_rate(step: int, config: TrainConfig, base_lr: float | None = None) -> float:
@@ -310,6 +271,9 @@ class Trainer:
         try:
             if resume:
                 self._resume()
+                if self.step >= cfg.steps:
+                    warnings.warn(f"{self.out_dir} is already at step {self.step} (train.steps is {cfg.steps}): "
+                                  "nothing to train; ask for more steps to continue it", stacklevel=2)
             elif self.out_dir is not None and latest_checkpoint(self.out_dir) is not None:
                 raise FileExistsError(
                     f"{self.out_dir} already holds checkpoints (latest {latest_checkpoint(self.out_dir).name}); "
@@ -479,6 +443,7 @@ class Trainer:
                 stacklevel=3,
             )
         raw = {k[len("params.") :]: v for k, v in tensors.items() if k.startswith("params.")}
+        check_shapes(raw, self.model.state_dict(), path / OPTIMIZER_FILE)
         try:
             self.model.load_state_dict(raw)
         except RuntimeError as e:

@@ -64,6 +64,7 @@ from diffplan.diffusion import (
     ValueGuidance,
     make_denoiser,
     noise_level,
+    randn,
     sample,
     time_grid,
 )
@@ -325,7 +326,7 @@ def ctrl_rollout(net: AdaptedDenoiser, schedule, objective: str, x: torch.Tensor
             kl = kl + k_d[i] ** 2 * ((d - d_ref) * free).pow(2).flatten(1).sum(1) / (2 * var[i])
         x = k_x[i] * x + k_d[i] * d
         if c[i] > 0:
-            x = x + c[i] * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+            x = x + c[i] * randn(x.shape, generator, x.device, x.dtype)
         if mask is not None:
             x = torch.where(mask, fill, x)
     return x, kl
@@ -591,8 +592,9 @@ class CTRLPlanner(PolicyBase):
         goal = None
         return plan_constraints(self.normalizer, obs, goal, self.config.base.horizon, self.obs_dim)
 
-    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, labels=None):
-        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D)."""
+    def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, labels=None, generator=None):
+        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D).
+        The eta=1 steps draw their noise from ``generator`` (one per env, or one)."""
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         if labels is None:
@@ -610,7 +612,7 @@ class CTRLPlanner(PolicyBase):
                 guidance = ValueGuidance(lambda x, t: self.classifier.log_prob(x, labels.clone()), scale=cfg.guide_scale,
                                          n_guide_steps=cfg.n_guide_steps, t_stopgrad=0.0)
         return sample(denoise, x_init, schedule=self.schedule, solver="ddim", eta=1.0, steps=steps, t_start=t_start,
-                      constraints=self.constraints(obs), guidance=guidance, noise_prior=False)
+                      constraints=self.constraints(obs), guidance=guidance, noise_prior=False, generator=generator)
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
         return self.normalizer.unnormalize(plans)[..., : self.obs_dim]
