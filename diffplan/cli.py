@@ -239,10 +239,11 @@ def add_policy_commands(groups) -> None:
         "tune-steps", help="score and time a checkpoint at several solver step counts on tuning seeds, "
         "and store the fewest steps within one standard error of the best as its default")
     p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its latest checkpoint)")
-    p.add_argument("--steps", default="1,2,3,5,10", help="comma-separated step counts (default 1,2,3,5,10)")
-    p.add_argument("--episodes", type=int, default=50, help="episodes per step count (default 50)")
-    p.add_argument("--num-envs", type=int, default=10, help="envs stepped in lockstep (default 10)")
-    p.add_argument("--seed", type=int, default=1000,
+    p.add_argument("--steps", type=_list_of(_at_least(1)), default=[1, 2, 3, 5, 10],
+                   help="comma-separated step counts (default 1,2,3,5,10)")
+    p.add_argument("--episodes", type=_at_least(2), default=50, help="episodes per step count (default 50)")
+    p.add_argument("--num-envs", type=_at_least(1), default=10, help="envs stepped in lockstep (default 10)")
+    p.add_argument("--seed", type=_at_least(0), default=1000,
                    help="first tuning seed (default 1000; reported scores use seeds from 0)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dry-run", action="store_true", help="print the table, leave config.yaml as it is")
@@ -343,12 +344,7 @@ def cmd_tune_steps(args) -> int:
     from diffplan.eval.tune import format_rows, tune_steps, write_default_steps
     from diffplan.policies import load_policy
 
-    try:
-        steps = [int(s) for s in args.steps.split(",")]
-    except ValueError:
-        raise ConfigError(f"--steps must be comma-separated integers, got {args.steps!r}") from None
-    if min(steps) < 1 or args.episodes < 2 or args.num_envs < 1:
-        raise ConfigError("tune-steps needs step counts >= 1, --episodes >= 2 and --num-envs >= 1")
+    steps = args.steps
     ckpt = _find(args.checkpoint)
     policy = load_policy(ckpt, device=args.device)
     field = policy.steps_field
