@@ -8,12 +8,8 @@ import torch
 
 from diffplan.data.dataset import OfflineDataset
 from diffplan.policies.anchored import AnchoredConfig, AnchoredDiffusionPolicy
-from diffplan.policies.base import (
-    GoalHoldConfig,
-    fit_linear_dynamics,
-    goal_hold_dataset,
-    load_policy,
-)
+from diffplan.data.goal_hold import GoalHoldConfig, fit_linear_dynamics, goal_hold_dataset
+from diffplan.policies.base import load_policy
 from diffplan.policies.bc import BCConfig, BCPolicy
 from diffplan.policies.diffusion_policy import DiffusionPolicy, DiffusionPolicyConfig
 from diffplan.runtime.planner import PlannerConfig

@@ -39,7 +39,8 @@ from torch import nn
 
 from diffplan.data.windows import discounted_returns
 from diffplan.diffusion import randn
-from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
+from diffplan.data.goal_hold import GoalHoldConfig
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
+from diffplan.data.goal_hold import GoalHoldConfig
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 

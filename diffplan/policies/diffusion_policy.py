@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffplan.policies.base import GoalHoldConfig, PolicyBase, SpaceSpec, register_policy
+from diffplan.data.goal_hold import GoalHoldConfig
+from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.runtime.planner import PlannerConfig
 
 
