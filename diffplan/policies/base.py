@@ -429,7 +429,7 @@ def load_policy(path, device: str | torch.device = "cpu", task: str | None = Non
     from diffplan.train.checkpoint import load_checkpoint
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, resume_state=False)
     cfg = ckpt.config
     kind = cfg.get("kind")
     if kind not in POLICIES:
