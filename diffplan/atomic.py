@@ -58,38 +58,31 @@ def leftovers(parent: Path, name: str | None = None) -> list[tuple[Path, str, st
     return found
 
 
-def recovery_plan(parent: Path, is_complete: Callable[[Path], bool],
-                  name: str | None = None) -> list[tuple[Path, Path | None]]:
-    """What `recover` would do: ``(leftover, target)`` to rename, ``(leftover, None)`` to delete.
+def recover(parent: Path, is_complete: Callable[[Path], bool], name: str | None = None, *,
+            dry_run: bool = False) -> list[str]:
+    """Settle what killed writers left in `parent` (only for `name`, if given).
 
-    A target that is missing gets the newest complete copy: a ``.tmp-*`` the writer marked
-    complete, else the ``.old-*`` (it was in place, so it is as complete as that was).
+    A final folder that is missing gets back the newest complete copy: a ``.tmp-*`` that
+    `is_complete`, else the ``.old-*`` (it was in place, so it is as complete as that was). Every
+    other leftover of a dead writer is deleted. Returns the equivalent shell commands (``mv``,
+    ``rm -r``), one per leftover; `dry_run` only returns them.
     """
-    plan = []
+    done = []
     restored: set[str] = set()
     # "tmp" sorts after "old": visit the newer copies first.
     for path, kind, target in sorted(leftovers(parent, name), key=lambda x: x[1], reverse=True):
         dest = parent / target
-        usable = kind == "old" or is_complete(path)
-        if usable and not dest.exists() and target not in restored:
+        restore = (kind == "old" or is_complete(path)) and not dest.exists() and target not in restored
+        done.append(f"mv {path} {dest}" if restore else f"rm -r {path}")
+        if restore:
             restored.add(target)
-            plan.append((path, dest))
-        else:
-            plan.append((path, None))
-    return plan
-
-
-def recover(parent: Path, is_complete: Callable[[Path], bool], name: str | None = None) -> list[str]:
-    """Settle what killed writers left in `parent`; returns one line per action taken."""
-    done = []
-    for path, dest in recovery_plan(parent, is_complete, name):
+        if dry_run:
+            continue
         try:
-            if dest is not None:
+            if restore:
                 os.rename(path, dest)
-                done.append(f"restored {dest} from {path.name}")
             else:
                 shutil.rmtree(path)
-                done.append(f"removed {path}")
         except FileNotFoundError:  # another process settled it first
             pass
     return done

@@ -169,8 +169,14 @@ def test_recovery_puts_back_the_newest_complete_copy_and_drops_partial_ones(tmp_
             os.remove(root / f".tmp-step-{step:08d}-{pid}" / ".complete")
     live = root / f".tmp-step-00000040-{os.getppid()}"  # a writer still running
     live.mkdir()
-    done = recover_checkpoints(tmp_path)
-    assert len(done) == 4
+    assert recover_checkpoints(root, dry_run=True) == [
+        f"mv {root}/.tmp-step-00000020-{pid} {root}/step-00000020",
+        f"rm -r {root}/.tmp-step-00000030-{pid}",
+        f"rm -r {root}/.old-step-00000020-{pid}",
+        f"mv {root}/.old-step-00000030-{pid} {root}/step-00000030",
+    ]
+    assert len(os.listdir(root)) == 5  # a dry run changes nothing
+    recover_checkpoints(root)
     assert sorted(os.listdir(root)) == [live.name, "step-00000020", "step-00000030"]
     assert load_checkpoint(root / "step-00000020").config == {"v": "new"}
     assert load_checkpoint(root / "step-00000030").config == {"v": "old"}

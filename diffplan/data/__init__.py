@@ -8,6 +8,10 @@ from diffplan.data.minari_io import (
     delete_minari_dataset,
     from_minari,
     minari_dataset_exists,
+    minari_dataset_health,
+    local_minari_datasets,
+    recover_minari_datasets,
+    remake_command,
     to_minari,
 )
 from diffplan.data.normalizers import (
@@ -35,6 +39,10 @@ __all__ = [
     "load",
     "make_normalizer",
     "minari_dataset_exists",
+    "minari_dataset_health",
+    "local_minari_datasets",
+    "recover_minari_datasets",
+    "remake_command",
     "to_d4rl_hdf5",
     "to_minari",
     "to_npz",

@@ -220,10 +220,11 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def recover_checkpoints(run_dir: str | os.PathLike) -> list[str]:
-    """After a crash: put back complete copies a killed writer left under hidden names, delete
-    its partial ones (`diffplan.atomic.recover`). Returns one line per action."""
-    return atomic.recover(_checkpoints_root(Path(run_dir)), _is_complete)
+def recover_checkpoints(folder: str | os.PathLike, *, dry_run: bool = False) -> list[str]:
+    """After a crash: put back the complete checkpoints a killed `save_checkpoint` left under
+    hidden names in `folder` (e.g. a run's ``checkpoints/``) and delete its partial ones
+    (`diffplan.atomic.recover`). Returns the equivalent shell commands."""
+    return atomic.recover(Path(folder), _is_complete, dry_run=dry_run)
 
 
 def _is_complete(path: Path) -> bool:
