@@ -45,7 +45,7 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
         os.rename(tmp, dest)
 
 
-def leftovers(parent: Path, name: str | None = None) -> list[tuple[Path, str, str]]:
+def _leftovers(parent: Path, name: str | None = None) -> list[tuple[Path, str, str]]:
     """``(path, kind, target name)`` of the ``.tmp-*`` / ``.old-*`` folders in `parent` whose
     writer is no longer running (only those for `name`, if given)."""
     if not parent.is_dir():
@@ -59,23 +59,23 @@ def leftovers(parent: Path, name: str | None = None) -> list[tuple[Path, str, st
 
 
 def recover(parent: Path, is_complete: Callable[[Path], bool], name: str | None = None, *,
-            dry_run: bool = False) -> list[str]:
+            dry_run: bool = False) -> list[tuple[Path, Path | None]]:
     """Settle what killed writers left in `parent` (only for `name`, if given).
 
     A final folder that is missing gets back the newest complete copy: a ``.tmp-*`` that
     `is_complete`, else the ``.old-*`` (it was in place, so it is as complete as that was). Every
-    other leftover of a dead writer is deleted. Returns the equivalent shell commands (``mv``,
-    ``rm -r``), one per leftover; `dry_run` only returns them.
+    other leftover of a dead writer is deleted. Returns ``(leftover, final folder)`` for each
+    one put back and ``(leftover, None)`` for each one deleted; `dry_run` only returns them.
     """
-    done = []
-    restored: set[str] = set()
+    done: list[tuple[Path, Path | None]] = []
+    restored: set[Path] = set()
     # "tmp" sorts after "old": visit the newer copies first.
-    for path, kind, target in sorted(leftovers(parent, name), key=lambda x: x[1], reverse=True):
+    for path, kind, target in sorted(_leftovers(parent, name), key=lambda x: x[1], reverse=True):
         dest = parent / target
-        restore = (kind == "old" or is_complete(path)) and not dest.exists() and target not in restored
-        done.append(f"mv {path} {dest}" if restore else f"rm -r {path}")
+        restore = (kind == "old" or is_complete(path)) and not dest.exists() and dest not in restored
         if restore:
-            restored.add(target)
+            restored.add(dest)
+        done.append((path, dest if restore else None))
         if dry_run:
             continue
         try:

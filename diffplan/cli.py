@@ -86,14 +86,11 @@ def cmd_data_list(args) -> int:
     for name in list_tasks():
         card = get_task(name)
         rows.append((name, card.env_id, str(card.episode_steps), f"{card.ref_min_score:g}",
-                     f"{card.ref_max_score:g}", _DATASET_STATE[card.dataset_health()[0]],
+                     f"{card.ref_max_score:g}", card.dataset_health()[0].replace("missing", "-"),
                      card.dataset_id))
     _print_table(rows)
     print(f"\ndatasets folder: {datasets_root()} (MINARI_DATASETS_PATH)")
     return 0
-
-
-_DATASET_STATE = {"made": "made", "missing": "-", "incomplete": "incomplete", "corrupt": "corrupt"}
 
 
 def cmd_data_make(args) -> int:
@@ -294,7 +291,7 @@ def cmd_doctor(args) -> int:
         if state != "made":
             problems.append((f"dataset {dataset_id} is {state}: {problem}",
                              remake_command(task_of.get(dataset_id), dataset_path(dataset_id))))
-    problems += [(_leftover(command), command) for command in recover_minari_datasets(dry_run=True)]
+    problems += _leftovers(recover_minari_datasets(dry_run=True))
 
     roots = [Path(p) for p in args.paths] or [p for p in [Path("checkpoints")] if p.is_dir()]
     checked = 0
@@ -303,8 +300,7 @@ def cmd_doctor(args) -> int:
             raise FileNotFoundError(f"{root}: no such folder")
         for parent, children, files in os.walk(root):
             children[:] = sorted(c for c in children if not c.startswith("."))
-            problems += [(_leftover(command), command)
-                         for command in recover_checkpoints(parent, dry_run=True)]
+            problems += _leftovers(recover_checkpoints(parent, dry_run=True))
             if MODEL_FILE in files or CONFIG_FILE in files:
                 checked += 1
                 problems += _checkpoint_problems(Path(parent))
@@ -317,11 +313,12 @@ def cmd_doctor(args) -> int:
     return 1 if problems else 0
 
 
-def _leftover(command: str) -> str:
-    path = command.split()[-2 if command.startswith("mv ") else -1]
-    if command.startswith("mv "):
-        return f"{path} is the only complete copy left by a killed writer; its folder is missing"
-    return f"{path} is a partial or stale copy left by a killed writer"
+def _leftovers(plan: list[tuple[Path, Path | None]]) -> list[tuple[str, str]]:
+    """Problems and fixes for the hidden copies killed writers left (`diffplan.atomic.recover`)."""
+    return [(f"{path} is the only complete copy left by a killed writer; {dest.name} is missing",
+             f"mv {path} {dest}") if dest else
+            (f"{path} is a partial or stale copy left by a killed writer", f"rm -r {path}")
+            for path, dest in plan]
 
 
 def _checkpoint_problems(folder: Path) -> list[tuple[str, str]]:

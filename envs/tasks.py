@@ -125,9 +125,9 @@ class TaskCard:
         from diffplan.data import from_minari
 
         state, problem = self.dataset_health()
-        if not force and state == "made":
+        if state == "made" and not force:
             return from_minari(self.dataset_id)
-        if state in ("incomplete", "corrupt") and not force:
+        if state != "missing" and not force:
             warnings.warn(f"{self.name}: the cached dataset is {state} ({problem}); remaking it",
                           stacklevel=2)
         data = self.cache_dataset(progress=progress, force=force)

@@ -90,13 +90,8 @@ def run_script(*argv):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ.copy())
 
 
-def dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_kill_9_during_data_make_force_keeps_the_old_dataset(capsys, tiny, minari_root, tmp_path):
+def test_kill_9_during_data_make_force_keeps_the_old_dataset(capsys, tiny, minari_root, tmp_path,
+                                                             dead_pid):
     assert main(["data", "make", tiny.name, "--quiet"]) == 0
     before = from_minari(tiny.dataset_id)
     ready = tmp_path / "ready"
@@ -120,7 +115,7 @@ def test_kill_9_during_data_make_force_keeps_the_old_dataset(capsys, tiny, minar
     np.testing.assert_array_equal(before.observations, after.observations)
 
     # Killed between the two renames of the swap: the complete new copy is under a hidden name.
-    os.rename(folder, folder.parent / f".tmp-{folder.name}-{dead_pid()}")
+    os.rename(folder, folder.parent / f".tmp-{folder.name}-{dead_pid}")
     assert main(["data", "info", tiny.name]) == 0
     assert "not made yet" in capsys.readouterr().out
     assert main(["data", "make", tiny.name]) == 0

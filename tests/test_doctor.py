@@ -2,7 +2,6 @@
 
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,7 +23,8 @@ def fixes(out):
     return [line.split("fix: ", 1)[1] for line in out.splitlines() if line.strip().startswith("fix: ")]
 
 
-def test_doctor_names_what_is_wrong_and_the_command_that_heals_it(capsys, minari_root, tmp_path):
+def test_doctor_names_what_is_wrong_and_the_command_that_heals_it(capsys, minari_root, tmp_path,
+                                                                 dead_pid):
     run = tmp_path / "run" / "checkpoints"
     for step in (10, 20, 30):
         save_checkpoint(run / f"step-{step:08d}", {"w": torch.ones(2)}, {"kind": "toy"},
@@ -37,9 +37,7 @@ def test_doctor_names_what_is_wrong_and_the_command_that_heals_it(capsys, minari
     (minari_root / TINY.dataset_id / "data" / "main_data.hdf5").write_bytes(b"garbage")
     (run / "step-00000020" / "model.safetensors").write_bytes(b"\x00" * 10)
     (run / "step-00000030" / "optimizer.safetensors").write_bytes(b"\x00" * 10)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    partial = run / f".tmp-step-00000040-{dead.pid}"
+    partial = run / f".tmp-step-00000040-{dead_pid}"
     partial.mkdir()
     assert main(["doctor", str(tmp_path / "run")]) == 1
     out = capsys.readouterr().out

@@ -2,8 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -152,14 +150,8 @@ def test_unstorable_config_values_are_refused_rather_than_pickled(tmp_path):
     assert not os.listdir(tmp_path)
 
 
-def dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_recovery_puts_back_the_newest_complete_copy_and_drops_partial_ones(tmp_path):
-    root, pid = tmp_path / "checkpoints", dead_pid()
+def test_recovery_puts_back_the_newest_complete_copy_and_drops_partial_ones(tmp_path, dead_pid):
+    root, pid = tmp_path / "checkpoints", dead_pid
     # Rewrites of step 20 and step 30 killed between their two renames: the previous folder is
     # under .old-*, the new one under .tmp-*, complete for step 20, half-written for step 30.
     for step, new_is_complete in ((20, True), (30, False)):
@@ -170,10 +162,10 @@ def test_recovery_puts_back_the_newest_complete_copy_and_drops_partial_ones(tmp_
     live = root / f".tmp-step-00000040-{os.getppid()}"  # a writer still running
     live.mkdir()
     assert recover_checkpoints(root, dry_run=True) == [
-        f"mv {root}/.tmp-step-00000020-{pid} {root}/step-00000020",
-        f"rm -r {root}/.tmp-step-00000030-{pid}",
-        f"rm -r {root}/.old-step-00000020-{pid}",
-        f"mv {root}/.old-step-00000030-{pid} {root}/step-00000030",
+        (root / f".tmp-step-00000020-{pid}", root / "step-00000020"),
+        (root / f".tmp-step-00000030-{pid}", None),
+        (root / f".old-step-00000020-{pid}", None),
+        (root / f".old-step-00000030-{pid}", root / "step-00000030"),
     ]
     assert len(os.listdir(root)) == 5  # a dry run changes nothing
     recover_checkpoints(root)

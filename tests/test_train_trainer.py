@@ -117,17 +117,15 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
     assert [r["loss"] for r in _read_log(tmp_path / "a")] == [r["loss"] for r in _read_log(tmp_path / "b")]
 
 
-def test_a_crash_between_the_renames_of_a_checkpoint_rewrite_loses_nothing(tmp_path):
+def test_a_crash_between_the_renames_of_a_checkpoint_rewrite_loses_nothing(tmp_path, dead_pid):
     cfg = _cfg()
     Trainer(Toy(), batches, cfg, tmp_path, run_config={"policy": "toy"}).fit()
     root = tmp_path / "checkpoints"
     saved = load_checkpoint(root / "step-00000020")
     # save_checkpoint rewriting step 20, killed between its two renames: the previous copy is
     # under .old-*, the new complete one under .tmp-*, and step-00000020 itself is gone.
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    shutil.copytree(root / "step-00000020", root / f".old-step-00000020-{dead.pid}")
-    os.rename(root / "step-00000020", root / f".tmp-step-00000020-{dead.pid}")
+    shutil.copytree(root / "step-00000020", root / f".old-step-00000020-{dead_pid}")
+    os.rename(root / "step-00000020", root / f".tmp-step-00000020-{dead_pid}")
 
     def must_not_retrain(step, rng):
         raise AssertionError(f"step {step} retrained: the step-20 checkpoint was lost")

@@ -64,7 +64,7 @@ def _health(data_dir: Path, made_by_diffplan: bool = False) -> tuple[str, str]:
         ours = meta.get(_META_KEY)
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return "corrupt", f"{meta_file} is unreadable ({type(err).__name__}: {err})"
-    if ours is None and made_by_diffplan or ours is not None and ours.get("complete") is not True:
+    if (ours is None and made_by_diffplan) or (ours is not None and ours.get("complete") is not True):
         return "incomplete", "its writer did not finish (no 'complete' mark in metadata.json)"
     if meta.get("data_format", "hdf5") != "hdf5":
         return "made", ""  # other formats are only checked when read
@@ -86,14 +86,15 @@ def _health(data_dir: Path, made_by_diffplan: bool = False) -> tuple[str, str]:
     return "made", ""
 
 
-def recover_minari_datasets(dataset_id: str | None = None, *, dry_run: bool = False) -> list[str]:
+def recover_minari_datasets(dataset_id: str | None = None, *,
+                            dry_run: bool = False) -> list[tuple[Path, Path | None]]:
     """Put back a dataset that a `to_minari` killed between its two renames left under a hidden
     name, and delete killed writers' partial copies (`diffplan.atomic.recover`): those of
-    `dataset_id`, or all under the Minari root. Returns the equivalent shell commands."""
+    `dataset_id`, or all under the Minari root."""
     if dataset_id is not None:
         path = dataset_path(dataset_id)
         return atomic.recover(path.parent, _is_whole, path.name, dry_run=dry_run)
-    return [line for folder in _walk()[1] for line in atomic.recover(folder, _is_whole, dry_run=dry_run)]
+    return [step for folder in _walk()[1] for step in atomic.recover(folder, _is_whole, dry_run=dry_run)]
 
 
 def local_minari_datasets() -> list[str]:
@@ -335,7 +336,6 @@ def to_minari(data: OfflineDataset, dataset_id: str, *, force: bool = False,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return minari.MinariDataset(path / "data")
-    return ds
 
 
 def _check_next_observations(data: OfflineDataset) -> None:

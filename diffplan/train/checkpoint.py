@@ -203,7 +203,9 @@ def _to_plain(obj: Any, where: str) -> Any:
 
 def checkpoint_dirs(run_dir: str | os.PathLike) -> list[Path]:
     """All ``step-<n>`` checkpoint folders of a run (or of a ``checkpoints/`` folder), oldest first."""
-    root = _checkpoints_root(Path(run_dir))
+    root = Path(run_dir)
+    if (root / CHECKPOINTS_SUBDIR).is_dir():
+        root = root / CHECKPOINTS_SUBDIR
     if not root.is_dir():
         return []
     found = []
@@ -220,19 +222,16 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def recover_checkpoints(folder: str | os.PathLike, *, dry_run: bool = False) -> list[str]:
+def recover_checkpoints(folder: str | os.PathLike, *,
+                        dry_run: bool = False) -> list[tuple[Path, Path | None]]:
     """After a crash: put back the complete checkpoints a killed `save_checkpoint` left under
     hidden names in `folder` (e.g. a run's ``checkpoints/``) and delete its partial ones
-    (`diffplan.atomic.recover`). Returns the equivalent shell commands."""
+    (`diffplan.atomic.recover`)."""
     return atomic.recover(Path(folder), _is_complete, dry_run=dry_run)
 
 
 def _is_complete(path: Path) -> bool:
     return (path / COMPLETE_FILE).is_file()
-
-
-def _checkpoints_root(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS_SUBDIR if (run_dir / CHECKPOINTS_SUBDIR).is_dir() else run_dir
 
 
 def load_checkpoint(dir: str | os.PathLike, *, resume_state: bool = True) -> Checkpoint:
