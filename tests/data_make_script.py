@@ -31,7 +31,7 @@ def synthetic(card, steps, seed, progress):
         deadline = time.monotonic() + 30
         while len(list(SYNC.glob("started-*"))) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(1.0)  # the other process reaches the lock meanwhile
+        time.sleep(0.5)  # the other process reaches the lock meanwhile
     rng = np.random.default_rng(seed)
     states = rng.normal(size=(steps + 1, 4)).astype(np.float32)
     timeouts = np.arange(steps) % 50 == 49
@@ -68,9 +68,9 @@ if __name__ == "__main__":
     registry._REGISTRY[TINY.name] = TINY
     if args.hang:
         hang_after_first_episode(args.hang)
+    from diffplan.cli import main
+
     if args.sync:
         SYNC = args.sync
         (SYNC / f"started-{os.getpid()}").touch()
-    from diffplan.cli import main
-
     sys.exit(main(argv))
