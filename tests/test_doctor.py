@@ -69,4 +69,6 @@ def test_doctor_checks_checkpoints_under_the_working_folder_by_default(capsys, t
     os.remove(tmp_path / "checkpoints" / "task" / "bc" / "config.yaml")
     assert main(["doctor"]) == 1
     assert "config.yaml: missing" in capsys.readouterr().out
+    capsys.readouterr()
     assert main(["doctor", "no-such-folder"]) == 2
+    assert capsys.readouterr().err == "diffplan: error: no-such-folder: no such folder\n"
