@@ -65,7 +65,7 @@ def main(argv=None) -> int:
 
 
 _DESCRIPTION = ("`python benchmarks/data_make.py`: the task's dataset recipe (collection with "
-                "the waypoint expert), then the Minari write (`create_dataset_from_buffers`) and "
+                "the waypoint expert), then the Minari write (`to_minari`) and "
                 "read back (`from_minari`), in a temporary MINARI_DATASETS_PATH.")
 
 

@@ -15,6 +15,7 @@ warnings print as one ``diffplan: warning: ...`` line.
     diffplan bench CHECKPOINT           act() latency, decisions/s, network evaluations
     diffplan tune-steps CHECKPOINT      score/latency per solver step count; store the fewest good
     diffplan demo                       evaluate the shipped pointmaze-umaze Diffuser
+    diffplan doctor [PATH ...]          check cached datasets and checkpoints, say how to heal them
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     add_data_commands(groups)
     add_policy_commands(groups)
+    add_doctor_command(groups)
     return parser
 
 
@@ -149,7 +151,7 @@ def cmd_data_list(args) -> int:
     for name in list_tasks():
         card = get_task(name)
         rows.append((name, card.env_id, str(card.episode_steps), f"{card.ref_min_score:g}",
-                     f"{card.ref_max_score:g}", "made" if card.dataset_is_made() else "-",
+                     f"{card.ref_max_score:g}", card.dataset_health()[0].replace("missing", "-"),
                      card.dataset_id))
     _print_table(rows)
     print(f"\ndatasets folder: {datasets_root()} (MINARI_DATASETS_PATH)")
@@ -160,25 +162,30 @@ def cmd_data_make(args) -> int:
     from diffplan.envs import get_task
 
     card = get_task(args.name)
-    if card.dataset_is_made() and not args.force:
+    state, problem = card.dataset_health()
+    if state in ("incomplete", "corrupt") and not args.force:
+        print(f"{card.name}: the cached dataset is {state} ({problem}); remaking it")
+    # Checked again under the make lock: a concurrent `data make` may finish it meanwhile.
+    data = card.cache_dataset(progress=not args.quiet, force=args.force)
+    if data is None:
         print(f"{card.name}: already made ({card.dataset_id}); use --force to remake it")
         return 0
-    data = card.load_dataset(progress=not args.quiet, force=True)
     print(f"{card.name}: {len(data):,} steps in {data.num_episodes:,} episodes -> "
           f"{card.dataset_id}")
     return 0
 
 
 def cmd_data_info(args) -> int:
-    from diffplan.data import load
+    from diffplan.data import from_minari, load
     from diffplan.envs import get_task, list_tasks
 
     card = get_task(args.name) if args.name in list_tasks() else None
-    if card is not None and not card.dataset_is_made():
+    if card is not None and card.dataset_health()[0] == "missing":
         _print_card(card)
         print(f"dataset   not made yet: run `diffplan data make {card.name}`")
         return 0
-    data = load(args.name, progress=False)
+    # A task's cache is read as it is: a damaged one is reported, not silently remade.
+    data = from_minari(card.dataset_id) if card is not None else load(args.name, progress=False)
     summary = data.summary()
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -359,6 +366,78 @@ def cmd_tune_steps(args) -> int:
         path = write_default_steps(getattr(policy, "checkpoint_path", ckpt), chosen, rows)
         print(f"{field}: {chosen} written to {path}")
     return 0
+
+
+# ---- diffplan doctor ---------------------------------------------------------------------------
+
+def add_doctor_command(groups) -> None:
+    p = groups.add_parser("doctor", help="check cached datasets and checkpoints; say how to heal bad ones")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="checkpoint or run folders, searched recursively (default: ./checkpoints if present)")
+    p.set_defaults(func=cmd_doctor)
+
+
+def cmd_doctor(args) -> int:
+    """Exit code 0 when everything is whole, 1 when something is not (each printed with its fix)."""
+    import os
+
+    from diffplan.data.minari_io import (dataset_path, datasets_root, local_minari_datasets,
+                                         minari_dataset_health, recover_minari_datasets,
+                                         remake_command)
+    from diffplan.envs import get_task, list_tasks
+    from diffplan.train.checkpoint import CONFIG_FILE, MODEL_FILE, recover_checkpoints
+
+    task_of = {get_task(name).dataset_id: name for name in list_tasks()}
+    problems: list[tuple[str, str]] = []  # (what is wrong, the command that heals it)
+    dataset_ids = local_minari_datasets()
+    for dataset_id in dataset_ids:
+        state, problem = minari_dataset_health(dataset_id, made_by_diffplan=dataset_id in task_of)
+        if state != "made":
+            problems.append((f"dataset {dataset_id} is {state}: {problem}",
+                             remake_command(task_of.get(dataset_id), dataset_path(dataset_id))))
+    problems += _leftovers(recover_minari_datasets(dry_run=True))
+
+    roots = [Path(p) for p in args.paths] or [p for p in [Path("checkpoints")] if p.is_dir()]
+    checked = 0
+    for root in roots:
+        if not root.is_dir():
+            raise FileNotFoundError(f"{root}: no such folder")
+        for parent, children, files in os.walk(root):
+            children[:] = sorted(c for c in children if not c.startswith("."))
+            problems += _leftovers(recover_checkpoints(parent, dry_run=True))
+            if MODEL_FILE in files or CONFIG_FILE in files:
+                checked += 1
+                problems += _checkpoint_problems(Path(parent))
+
+    print(f"checked {len(dataset_ids)} datasets in {datasets_root()} and {checked} checkpoints"
+          + (f" under {', '.join(map(str, roots))}" if roots else ""))
+    for problem, fix in problems:
+        print(f"BAD  {problem}\n     fix: {fix}")
+    print(f"{len(problems)} problem(s) found" if problems else "all good")
+    return 1 if problems else 0
+
+
+def _leftovers(plan: list[tuple[Path, Path | None]]) -> list[tuple[str, str]]:
+    """Problems and fixes for the hidden copies killed writers left (`diffplan.atomic.recover`)."""
+    return [(f"{path} is the only complete copy left by a killed writer; {dest.name} is missing",
+             f"mv {path} {dest}") if dest else
+            (f"{path} is a partial or stale copy left by a killed writer", f"rm -r {path}")
+            for path, dest in plan]
+
+
+def _checkpoint_problems(folder: Path) -> list[tuple[str, str]]:
+    from diffplan.train.checkpoint import OPTIMIZER_FILE, TRAINER_STATE_FILE, load_checkpoint
+
+    try:
+        load_checkpoint(folder, resume_state=False)
+    except CheckpointError as err:
+        return [(f"checkpoint {err}", f"rm -r {folder}")]
+    try:
+        load_checkpoint(folder)
+    except CheckpointError as err:
+        return [(f"checkpoint {err} (it loads for inference, but cannot be resumed)",
+                 f"rm -f {folder / OPTIMIZER_FILE} {folder / TRAINER_STATE_FILE}")]
+    return []
 
 
 def _print_card(card) -> None:

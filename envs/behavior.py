@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +34,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from diffplan import atomic
 
 # SB3's clamp on the SAC actor's log std (stable_baselines3.sac.policies).
 LOG_STD_MIN = -20.0
@@ -173,22 +174,12 @@ class TanhGaussianActor(nn.Module):
         if meta is None:
             raise ValueError("an ActorMeta is needed to save an actor")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        tmp = atomic.temp_sibling(path)
         state = {k: v.detach().cpu().contiguous().clone() for k, v in self.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE))
         with open(tmp / META_FILE, "w") as f:
             yaml.safe_dump(meta.to_dict(), f, sort_keys=False)
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, path)
+        atomic.swap_into_place(tmp, path)
         return path
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -108,22 +109,41 @@ class TaskCard:
             self.ref_max_score - self.ref_min_score)
         return float(score) if score.ndim == 0 else score
 
+    def dataset_health(self) -> tuple[str, str]:
+        """``("made", "")``, or the cached dataset's state (missing, incomplete, corrupt) and
+        what is wrong (`diffplan.data.minari_dataset_health`)."""
+        from diffplan.data import minari_dataset_health
+        return minari_dataset_health(self.dataset_id, made_by_diffplan=True)
+
     def dataset_is_made(self) -> bool:
-        """True when the dataset is cached (complete) under MINARI_DATASETS_PATH."""
-        from diffplan.data import minari_dataset_exists
-        return minari_dataset_exists(self.dataset_id, complete_only=True)
+        """True when the dataset is cached, complete and whole, under MINARI_DATASETS_PATH."""
+        return self.dataset_health()[0] == "made"
 
     def load_dataset(self, progress: bool = True, force: bool = False) -> OfflineDataset:
         """The task's dataset: read from the Minari cache, or made and cached first
-        (always made when `force`). Processes that ask at once (e.g. DDP ranks) make it once:
-        the others wait on a lock file, then read the cache."""
+        (always made when `force`, and remade with a warning when the cache is damaged)."""
         from diffplan.data import from_minari
 
-        if not force and self.dataset_is_made():
+        state, problem = self.dataset_health()
+        if state == "made" and not force:
             return from_minari(self.dataset_id)
+        if state != "missing" and not force:
+            warnings.warn(f"{self.name}: the cached dataset is {state} ({problem}); remaking it",
+                          stacklevel=2)
+        data = self.cache_dataset(progress=progress, force=force)
+        return from_minari(self.dataset_id) if data is None else data
+
+    def cache_dataset(self, progress: bool = True, force: bool = False) -> OfflineDataset | None:
+        """Make the dataset and cache it, unless a whole one is cached (always when `force`);
+        None when it was. Callers at once (DDP ranks, two ``data make``) make it once: the
+        others wait on a lock file, then find it made. A replaced dataset stays whole until the
+        new one is (`to_minari`)."""
+        from diffplan.data import recover_minari_datasets
+
         with _make_lock(self.dataset_id):
-            if not force and self.dataset_is_made():  # made by another process meanwhile
-                return from_minari(self.dataset_id)
+            recover_minari_datasets(self.dataset_id)  # settle what a killed writer left
+            if not force and self.dataset_is_made():
+                return None
             data = self.make_dataset(progress=progress)
             data.to_minari(self.dataset_id, force=True, eval_env=self.eval_env_spec(),
                            description=self.recipe,

@@ -1,4 +1,7 @@
 """Shared test settings."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -10,3 +13,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture()
+def dead_pid():
+    """The pid of a process that has exited: a writer killed mid-write."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid

@@ -1,5 +1,7 @@
 """Dataset I/O: Minari (both directions, and Minari's own writer), D4RL HDF5, npz, load()."""
 
+import json
+
 import h5py
 import minari
 import numpy as np
@@ -234,3 +236,32 @@ def test_load_unknown_name_lists_known_tasks():
         load("no-such-task")
     with pytest.raises(DatasetError, match="no such file"):
         load("missing.npz")
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("total_episodes", "is corrupt: metadata.json says 5 episodes and 400 steps, but "
+                       "main_data.hdf5 holds 14 episodes and 400 steps"),
+    ("total_steps", "is corrupt: metadata.json says 14 episodes and 1,000,000 steps"),
+    ("complete", "is incomplete: its writer did not finish"),
+    ("truncate", "is corrupt: .*main_data.hdf5 is unreadable"),
+    ("delete", "is corrupt: .*main_data.hdf5 is missing"),
+])
+def test_minari_metadata_is_checked_against_the_file(minari_root, damage, message):
+    goal_dataset(task="some-task").to_minari("diffplan/damaged-v0")
+    folder = minari_root / "diffplan" / "damaged-v0" / "data"
+    meta = json.loads((folder / "metadata.json").read_text())
+    h5 = folder / "main_data.hdf5"
+    if damage in ("total_episodes", "total_steps"):
+        meta[damage] = {"total_episodes": 5, "total_steps": 1_000_000}[damage]
+    elif damage == "complete":
+        meta["diffplan"]["complete"] = False
+    elif damage == "truncate":
+        h5.write_bytes(h5.read_bytes()[: h5.stat().st_size // 2])
+    else:
+        h5.unlink()
+    (folder / "metadata.json").write_text(json.dumps(meta))
+    fix = "; heal it with `diffplan data make some-task --force`"
+    for source in ("diffplan/damaged-v0", folder):
+        with pytest.raises(DatasetError, match=f"'diffplan/damaged-v0' {message}.*{fix}"):
+            load(source)
+    assert not minari_dataset_exists("diffplan/damaged-v0", complete_only=True)

@@ -7,10 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from diffplan.policies.base import SpaceSpec, load_policy
+from diffplan.policies.bc import BCConfig, BCPolicy
 from diffplan.train import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    recover_checkpoints,
     save_checkpoint,
 )
 from diffplan.train import checkpoint as ckpt_mod
@@ -48,7 +51,7 @@ def test_inference_only_checkpoint_has_no_optimizer_state(tmp_path):
     save_checkpoint(tmp_path / "ck", {"w": torch.zeros(2)}, {"policy": "bc"})
     ck = load_checkpoint(tmp_path / "ck")
     assert ck.optimizer_tensors is None and ck.trainer_state is None
-    assert sorted(os.listdir(tmp_path / "ck")) == ["config.yaml", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "ck")) == [".complete", "config.yaml", "model.safetensors"]
 
 
 def test_run_folder_resolves_to_latest_step_and_ignores_partial_writes(tmp_path):
@@ -145,3 +148,40 @@ def test_unstorable_config_values_are_refused_rather_than_pickled(tmp_path):
         save_checkpoint(tmp_path / "ck", {"w": torch.ones(1)}, {"fn": object()})
     assert not (tmp_path / "ck").exists()
     assert not os.listdir(tmp_path)
+
+
+def test_recovery_puts_back_the_newest_complete_copy_and_drops_partial_ones(tmp_path, dead_pid):
+    root, pid = tmp_path / "checkpoints", dead_pid
+    # Rewrites of step 20 and step 30 killed between their two renames: the previous folder is
+    # under .old-*, the new one under .tmp-*, complete for step 20, half-written for step 30.
+    for step, new_is_complete in ((20, True), (30, False)):
+        save_checkpoint(root / f".old-step-{step:08d}-{pid}", {"w": torch.zeros(1)}, {"v": "old"})
+        save_checkpoint(root / f".tmp-step-{step:08d}-{pid}", {"w": torch.ones(1)}, {"v": "new"})
+        if not new_is_complete:
+            os.remove(root / f".tmp-step-{step:08d}-{pid}" / ".complete")
+    live = root / f".tmp-step-00000040-{os.getppid()}"  # a writer still running
+    live.mkdir()
+    assert recover_checkpoints(root, dry_run=True) == [
+        (root / f".tmp-step-00000020-{pid}", root / "step-00000020"),
+        (root / f".tmp-step-00000030-{pid}", None),
+        (root / f".old-step-00000020-{pid}", None),
+        (root / f".old-step-00000030-{pid}", root / "step-00000030"),
+    ]
+    assert len(os.listdir(root)) == 5  # a dry run changes nothing
+    recover_checkpoints(root)
+    assert sorted(os.listdir(root)) == [live.name, "step-00000020", "step-00000030"]
+    assert load_checkpoint(root / "step-00000020").config == {"v": "new"}
+    assert load_checkpoint(root / "step-00000030").config == {"v": "old"}
+
+
+def test_load_policy_does_not_need_the_resume_only_files(tmp_path):
+    spec = SpaceSpec(obs_dim=3, act_dim=2, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    ck = tmp_path / "bc"
+    policy = BCPolicy(BCConfig(hidden=(8,)), spec)
+    save_checkpoint(ck, policy.state_dict(), policy.run_config(), {"opt.0.x": torch.ones(2)}, {"step": 1})
+    (ck / "optimizer.safetensors").write_bytes(b"\xff" * 16)
+    (ck / "trainer_state.json").write_text("{not json")
+    loaded = load_policy(ck)
+    assert torch.equal(loaded.net[0].weight, policy.net[0].weight)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors.*corrupt"):
+        load_checkpoint(ck)  # resuming still refuses them

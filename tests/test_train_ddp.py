@@ -45,6 +45,7 @@ def test_two_process_gloo_run_keeps_ranks_identical_and_writes_one_checkpoint(tm
     ck = load_checkpoint(tmp_path)
     assert ck.path.name == "step-00000012"
     assert sorted(os.listdir(ck.path)) == [
+        ".complete",
         "config.yaml",
         "model.safetensors",
         "optimizer.safetensors",

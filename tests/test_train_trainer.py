@@ -2,6 +2,8 @@
 
 import csv
 import math
+import os
+import shutil
 import subprocess
 import sys
 
@@ -113,6 +115,24 @@ def test_resume_after_a_crash_is_bit_identical_to_an_uninterrupted_run(tmp_path)
     # The crashed run's log rows past step 10 are dropped and replayed once.
     assert [int(r["step"]) for r in _read_log(tmp_path / "b")] == [5, 10, 15, 20]
     assert [r["loss"] for r in _read_log(tmp_path / "a")] == [r["loss"] for r in _read_log(tmp_path / "b")]
+
+
+def test_a_crash_between_the_renames_of_a_checkpoint_rewrite_loses_nothing(tmp_path, dead_pid):
+    cfg = _cfg()
+    Trainer(Toy(), batches, cfg, tmp_path, run_config={"policy": "toy"}).fit()
+    root = tmp_path / "checkpoints"
+    saved = load_checkpoint(root / "step-00000020")
+    # save_checkpoint rewriting step 20, killed between its two renames: the previous copy is
+    # under .old-*, the new complete one under .tmp-*, and step-00000020 itself is gone.
+    shutil.copytree(root / "step-00000020", root / f".old-step-00000020-{dead_pid}")
+    os.rename(root / "step-00000020", root / f".tmp-step-00000020-{dead_pid}")
+
+    def must_not_retrain(step, rng):
+        raise AssertionError(f"step {step} retrained: the step-20 checkpoint was lost")
+
+    Trainer(Toy(seed=7), must_not_retrain, cfg, tmp_path, run_config={"policy": "toy"}).fit(resume=True)
+    assert sorted(os.listdir(root)) == ["step-00000010", "step-00000020"]
+    _assert_same_tensors(load_checkpoint(tmp_path).model_state, saved.model_state)
 
 
 def test_checkpoint_folder_holds_inference_weights_config_and_resume_state(tmp_path):

@@ -7,7 +7,11 @@ from diffplan.data.minari_io import (
     datasets_root,
     delete_minari_dataset,
     from_minari,
+    local_minari_datasets,
     minari_dataset_exists,
+    minari_dataset_health,
+    recover_minari_datasets,
+    remake_command,
     to_minari,
 )
 from diffplan.data.normalizers import (
@@ -34,7 +38,11 @@ __all__ = [
     "from_npz",
     "load",
     "make_normalizer",
+    "local_minari_datasets",
     "minari_dataset_exists",
+    "minari_dataset_health",
+    "recover_minari_datasets",
+    "remake_command",
     "to_d4rl_hdf5",
     "to_minari",
     "to_npz",

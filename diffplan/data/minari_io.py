@@ -10,6 +10,7 @@ the reference scores go in Minari's own ``ref_min_score`` / ``ref_max_score``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import warnings
@@ -20,6 +21,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from diffplan import atomic
 from diffplan.data.dataset import DatasetError, OfflineDataset
 
 _META_KEY = "diffplan"
@@ -39,18 +41,82 @@ def dataset_path(dataset_id: str) -> Path:
 
 def minari_dataset_exists(dataset_id: str, *, complete_only: bool = False) -> bool:
     """True if `dataset_id` is on this machine; `complete_only` also asks that diffplan finished
-    writing it (a write cut short by a crash leaves no completion mark)."""
-    meta_file = dataset_path(dataset_id) / "data" / "metadata.json"
+    writing it and that its files agree with its metadata (`minari_dataset_health`)."""
+    if complete_only:
+        return minari_dataset_health(dataset_id, made_by_diffplan=True)[0] == "made"
+    return (dataset_path(dataset_id) / "data" / "metadata.json").is_file()
+
+
+def minari_dataset_health(dataset_id: str, *, made_by_diffplan: bool = False) -> tuple[str, str]:
+    """``("made", "")`` for a whole local dataset, else ``(state, what is wrong)`` with state
+    ``"missing"``, ``"incomplete"`` (its writer did not finish) or ``"corrupt"`` (its files
+    disagree with its metadata). `made_by_diffplan` also asks for diffplan's completion mark."""
+    return _health(dataset_path(dataset_id) / "data", made_by_diffplan)
+
+
+def _health(data_dir: Path, made_by_diffplan: bool = False) -> tuple[str, str]:
+    meta_file = data_dir / "metadata.json"
     if not meta_file.is_file():
-        return False
-    if not complete_only:
-        return True
-    import json
+        return "missing", f"{meta_file} does not exist"
     try:
         meta = json.loads(meta_file.read_text())
-    except (OSError, ValueError):
-        return False
-    return bool(meta.get(_META_KEY, {}).get("complete", False))
+        episodes, steps = int(meta["total_episodes"]), int(meta["total_steps"])
+        ours = meta.get(_META_KEY)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return "corrupt", f"{meta_file} is unreadable ({type(err).__name__}: {err})"
+    if (ours is None and made_by_diffplan) or (ours is not None and ours.get("complete") is not True):
+        return "incomplete", "its writer did not finish (no 'complete' mark in metadata.json)"
+    if meta.get("data_format", "hdf5") != "hdf5":
+        return "made", ""  # other formats are only checked when read
+    import h5py
+
+    file = data_dir / "main_data.hdf5"
+    if not file.is_file():
+        return "corrupt", f"{file} is missing"
+    try:
+        with h5py.File(file, "r") as f:
+            names = list(f.keys())
+            found = sum(h5py.h5d.open(h5py.h5g.open(f.id, name.encode()), b"rewards").shape[0]
+                        for name in names)
+    except (OSError, KeyError, ValueError) as err:
+        return "corrupt", f"{file} is unreadable ({err})"
+    if (len(names), found) != (episodes, steps):
+        return "corrupt", (f"metadata.json says {episodes:,} episodes and {steps:,} steps, but "
+                           f"main_data.hdf5 holds {len(names):,} episodes and {found:,} steps")
+    return "made", ""
+
+
+def recover_minari_datasets(dataset_id: str | None = None, *,
+                            dry_run: bool = False) -> list[tuple[Path, Path | None]]:
+    """Put back a dataset that a `to_minari` killed between its two renames left under a hidden
+    name, and delete killed writers' partial copies (`diffplan.atomic.recover`): those of
+    `dataset_id`, or all under the Minari root."""
+    if dataset_id is not None:
+        path = dataset_path(dataset_id)
+        return atomic.recover(path.parent, _is_whole, path.name, dry_run=dry_run)
+    return [step for folder in _walk()[1] for step in atomic.recover(folder, _is_whole, dry_run=dry_run)]
+
+
+def local_minari_datasets() -> list[str]:
+    """The ids of the datasets under the Minari root, whole or not."""
+    root = datasets_root()
+    return sorted(path.relative_to(root).as_posix() for path in _walk()[0])
+
+
+def _is_whole(folder: Path) -> bool:
+    return _health(folder / "data", made_by_diffplan=True)[0] == "made"
+
+
+def _walk() -> tuple[list[Path], list[Path]]:
+    """(dataset folders, namespace folders) under the Minari root; hidden folders skipped."""
+    datasets, namespaces = [], []
+    for parent, children, _ in os.walk(datasets_root()):
+        namespaces.append(Path(parent))
+        children[:] = [c for c in children if not c.startswith(".")]
+        found = [c for c in children if (Path(parent) / c / "data").is_dir()]
+        datasets += [Path(parent) / c for c in found]
+        children[:] = [c for c in children if c not in found]
+    return datasets, namespaces
 
 
 def delete_minari_dataset(dataset_id: str) -> None:
@@ -89,7 +155,12 @@ def from_minari(dataset: Any) -> OfflineDataset:
     chunks: dict[str, list[np.ndarray]] = {k: [] for k in (
         "observations", "next_observations", "goals", "actions", "rewards", "terminals",
         "timeouts")}
-    for ep_id, obs, actions, rewards, terminations, truncations in _iter_episodes(dataset):
+    try:
+        episodes = list(_iter_episodes(dataset))
+    except (OSError, KeyError) as err:  # h5py's errors on damaged files
+        raise DatasetError(_damaged(Path(dataset.storage.data_path), "corrupt",
+                                    f"reading it failed ({err})")) from None
+    for ep_id, obs, actions, rewards, terminations, truncations in episodes:
         if isinstance(obs, dict):
             if "observation" not in obs:
                 raise DatasetError(f"Minari dataset '{dataset.id}' has dict observations with keys "
@@ -201,18 +272,21 @@ def to_minari(data: OfflineDataset, dataset_id: str, *, force: bool = False,
     final observation of each episode is `next_observations[end - 1]` (or a repeat of the last
     observation when next observations are absent, which is recorded so a read gives None back).
     The env spec (id plus `env_kwargs`) is stored when the env id is registered in Gymnasium.
-    Returns the `minari.MinariDataset`. `force` replaces an existing dataset; a failed write
-    leaves nothing behind.
+    Returns the `minari.MinariDataset`. `force` replaces an existing dataset.
+
+    The dataset is written to a hidden sibling folder, marked complete last, then swapped into
+    place (`diffplan.atomic`): a crash at any point leaves the old or the new dataset whole.
     """
     import minari
+    from minari.dataset.minari_storage import MinariStorage
+    from minari.namespace import create_namespace, list_local_namespaces
+    from minari.utils import _generate_dataset_metadata  # minari is pinned to one version
 
     _check_next_observations(data)
     path = dataset_path(dataset_id)
-    if path.exists():
-        if not force:
-            raise DatasetError(f"Minari dataset '{dataset_id}' already exists at {path}; "
-                               "pass force=True to replace it")
-        shutil.rmtree(path)
+    if path.exists() and not force:
+        raise DatasetError(f"Minari dataset '{dataset_id}' already exists at {path}; "
+                           "pass force=True to replace it")
 
     obs_dim, act_dim = data.observations.shape[1], data.actions.shape[1]
     box = lambda d: gym.spaces.Box(-np.inf, np.inf, shape=(d,), dtype=np.float32)
@@ -233,22 +307,21 @@ def to_minari(data: OfflineDataset, dataset_id: str, *, force: bool = False,
         from tqdm.auto import tqdm
         buffers = tqdm(buffers, total=data.num_episodes, desc=f"write {dataset_id}",
                        unit="ep")
+    namespace = dataset_id.rpartition("/")[0]
+    if namespace and namespace not in list_local_namespaces():
+        create_namespace(namespace)
+    tmp = atomic.temp_sibling(path)
     try:
         with warnings.catch_warnings():
             # Minari warns about every optional metadata field left empty.
             warnings.simplefilter("ignore", UserWarning)
-            ds = minari.create_dataset_from_buffers(
-                dataset_id=dataset_id,
-                buffer=buffers,
-                env=env_spec,
-                eval_env=eval_env,
-                algorithm_name=algorithm_name or data.source or "diffplan",
-                author=author,
-                code_permalink=code_permalink,
-                action_space=action_space,
-                observation_space=observation_space,
-                description=description or data.source or None,
-            )
+            storage = MinariStorage.new(tmp / "data", observation_space=observation_space,
+                                        action_space=action_space, env_spec=env_spec)
+            storage.update_metadata(_generate_dataset_metadata(
+                dataset_id, env_spec, eval_env, algorithm_name or data.source or "diffplan",
+                author, None, code_permalink, None, None, None, 100,
+                description or data.source or None, None))
+        storage.update_episodes(buffers)
         extra: dict[str, Any] = {_META_KEY: {
             **data.metadata(),
             "has_next_observations": data.next_observations is not None,
@@ -257,11 +330,12 @@ def to_minari(data: OfflineDataset, dataset_id: str, *, force: bool = False,
         if data.ref_min_score is not None and data.ref_max_score is not None:
             extra.update(ref_min_score=data.ref_min_score, ref_max_score=data.ref_max_score,
                          num_episodes_average_score=100)
-        ds.storage.update_metadata(extra)
+        storage.update_metadata(extra)
+        atomic.swap_into_place(tmp, path)
     except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ds
+    return minari.MinariDataset(path / "data")
 
 
 def _check_next_observations(data: OfflineDataset) -> None:
@@ -331,13 +405,34 @@ def register_gymnasium_robotics() -> bool:
 
 
 def _open(path: Path):
+    """A `MinariDataset` for a data folder whose files agree with its metadata (`_health`)."""
     import minari
-    if not (path / "metadata.json").is_file():
+    state, problem = _health(path)
+    if state == "missing":
         raise DatasetError(f"{path} is not a Minari data folder (no metadata.json)")
+    if state != "made":
+        raise DatasetError(_damaged(path, state, problem))
     try:
         return minari.MinariDataset(path)
     except (ValueError, OSError, KeyError) as err:
         raise DatasetError(f"could not open Minari dataset at {path}: {err}") from None
+
+
+def _damaged(data_dir: Path, state: str, problem: str) -> str:
+    """One line: which dataset is damaged, how, and the command that heals it."""
+    try:
+        meta = json.loads((data_dir / "metadata.json").read_text())
+        task, name = meta[_META_KEY]["task"], meta["dataset_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        task, name = None, data_dir.parent.name
+    return (f"Minari dataset '{name}' is {state}: {problem}; heal it with "
+            f"`{remake_command(task, data_dir.parent)}`")
+
+
+def remake_command(task: str | None, folder: Path) -> str:
+    """The command that heals a damaged dataset: remake a task's; delete anything else's (and
+    write it again)."""
+    return f"diffplan data make {task} --force" if task else f"rm -r {folder}"
 
 
 def _parse_id(dataset_id: str) -> None:
@@ -350,7 +445,6 @@ def _parse_id(dataset_id: str) -> None:
 
 
 def _jsonable(kwargs: dict) -> dict:
-    import json
     out = {}
     for key, value in kwargs.items():
         try:

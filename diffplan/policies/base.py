@@ -324,7 +324,7 @@ def load_policy(path, device: str | torch.device = "cpu", task: str | None = Non
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
     device = resolve_device(device)
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, resume_state=False)
     cfg = ckpt.config
     unknown = sorted(set(cfg) - set(CHECKPOINT_KEYS))
     if unknown:

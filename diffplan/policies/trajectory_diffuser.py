@@ -264,7 +264,7 @@ class TrajectoryDiffuser(PolicyBase):
         from diffplan.train.checkpoint import load_checkpoint
 
         prefixes = tuple(PART_MODULES[p] + "." for p in skip)
-        state = {k: v for k, v in load_checkpoint(Path(path)).model_state.items() if not k.startswith(prefixes)}
+        state = {k: v for k, v in load_checkpoint(Path(path), resume_state=False).model_state.items() if not k.startswith(prefixes)}
         own = {k for k in self.state_dict() if not k.startswith(prefixes)}
         missing, unexpected = own - set(state), set(state) - own
         if missing or unexpected:
@@ -302,7 +302,7 @@ class TrajectoryDiffuser(PolicyBase):
         normalizer) with the same U-Net shape."""
         from diffplan.train.checkpoint import load_checkpoint
 
-        state = load_checkpoint(Path(path)).model_state
+        state = load_checkpoint(Path(path), resume_state=False).model_state
         own = self.state_dict()
         for key in ("normalizer", "return_scale"):  # same data, same units of x and of the condition
             for k in (k for k in own if k.startswith(key)):

@@ -5,6 +5,7 @@ from diffplan.train.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    recover_checkpoints,
     save_checkpoint,
 )
 from diffplan.train.trainer import TrainConfig, Trainer, learning_rate
@@ -17,5 +18,6 @@ __all__ = [
     "latest_checkpoint",
     "learning_rate",
     "load_checkpoint",
+    "recover_checkpoints",
     "save_checkpoint",
 ]

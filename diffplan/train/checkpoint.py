@@ -12,9 +12,11 @@ A checkpoint is a folder::
 Nothing is pickled. State-dict entries that are not tensors (a module's ``get_extra_state``) travel
 as JSON in the safetensors header metadata under ``diffplan.non_tensor``.
 
-Writes go to a hidden sibling ``.tmp-<name>-<pid>/``, are fsynced, then renamed into place, so a
-crash mid-write never leaves a half checkpoint where a loader looks: loaders only consider
-``step-<n>`` folders and ignore anything starting with a dot.
+Writes go to a hidden sibling ``.tmp-<name>-<pid>/``, are fsynced, marked complete (an empty
+``.complete`` file, written last) and renamed into place (`diffplan.atomic`), so a crash mid-write
+never leaves a half checkpoint where a loader looks: loaders only consider ``step-<n>`` folders and
+ignore anything starting with a dot. `recover_checkpoints` puts back a complete copy that a crash
+between the two renames of a rewrite left under a hidden name.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ import yaml
 from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
+from diffplan import atomic
+
 __all__ = [
     "CONFIG_FILE",
     "MODEL_FILE",
@@ -44,6 +48,7 @@ __all__ = [
     "checkpoint_dirs",
     "latest_checkpoint",
     "load_checkpoint",
+    "recover_checkpoints",
     "save_checkpoint",
     "step_dir_name",
 ]
@@ -52,8 +57,9 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.yaml"
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+COMPLETE_FILE = ".complete"  # written last: a folder holding it was written whole
 CHECKPOINTS_SUBDIR = "checkpoints"
-_OWN_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE)
+_OWN_FILES = (MODEL_FILE, CONFIG_FILE, OPTIMIZER_FILE, TRAINER_STATE_FILE, COMPLETE_FILE)
 _NON_TENSOR_KEY = "diffplan.non_tensor"
 _STEP_RE = re.compile(r"^step-(\d+)$")
 
@@ -102,13 +108,7 @@ def save_checkpoint(
     plots) are carried over into the new folder.
     """
     dest = Path(dir)
-    parent = dest.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    tmp = parent / f".tmp-{dest.name}-{pid}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = atomic.temp_sibling(dest)
     try:
         _write_file(tmp / MODEL_FILE, _encode_safetensors(model_state, MODEL_FILE))
         _write_file(tmp / CONFIG_FILE, _encode_yaml(config))
@@ -121,19 +121,10 @@ def save_checkpoint(
             _write_file(tmp / TRAINER_STATE_FILE, _encode_json(trainer_state))
         if dest.exists():
             _carry_over_foreign_files(dest, tmp)
+        _write_file(tmp / COMPLETE_FILE, b"")
         _fsync_dir(tmp)
-        if dest.exists():
-            # A directory cannot be renamed over a non-empty one; swap through a hidden name.
-            # Between the two renames `dest` is briefly absent, never half-written.
-            old = parent / f".old-{dest.name}-{pid}"
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(dest, old)
-            os.rename(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)
-        _fsync_dir(parent)
+        atomic.swap_into_place(tmp, dest)
+        _fsync_dir(dest.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -242,8 +233,24 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def load_checkpoint(dir: str | os.PathLike) -> Checkpoint:
-    """Read a checkpoint folder, or the latest checkpoint of a run folder. Tensors land on CPU."""
+def recover_checkpoints(folder: str | os.PathLike, *,
+                        dry_run: bool = False) -> list[tuple[Path, Path | None]]:
+    """After a crash: put back the complete checkpoints a killed `save_checkpoint` left under
+    hidden names in `folder` (e.g. a run's ``checkpoints/``) and delete its partial ones
+    (`diffplan.atomic.recover`)."""
+    return atomic.recover(Path(folder), _is_complete, dry_run=dry_run)
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / COMPLETE_FILE).is_file()
+
+
+def load_checkpoint(dir: str | os.PathLike, *, resume_state: bool = True) -> Checkpoint:
+    """Read a checkpoint folder, or the latest checkpoint of a run folder. Tensors land on CPU.
+
+    ``resume_state=False`` skips the resume-only files (optimizer, trainer state), so loading for
+    inference does not depend on them; they are then None in the result.
+    """
     path = Path(dir)
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint folder does not exist")
@@ -258,10 +265,9 @@ def load_checkpoint(dir: str | os.PathLike) -> Checkpoint:
         path = latest
     model_state = _read_safetensors(path / MODEL_FILE)
     config = _read_yaml(path / CONFIG_FILE)
-    opt_path = path / OPTIMIZER_FILE
-    optimizer_tensors = _read_safetensors(opt_path) if opt_path.exists() else None
-    ts_path = path / TRAINER_STATE_FILE
-    trainer_state = _read_json(ts_path) if ts_path.exists() else None
+    opt_path, ts_path = path / OPTIMIZER_FILE, path / TRAINER_STATE_FILE
+    optimizer_tensors = _read_safetensors(opt_path) if resume_state and opt_path.exists() else None
+    trainer_state = _read_json(ts_path) if resume_state and ts_path.exists() else None
     return Checkpoint(model_state, config, optimizer_tensors, trainer_state, path)
 
 

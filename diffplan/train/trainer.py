@@ -16,7 +16,6 @@ import csv
 import importlib.util
 import math
 import os
-import re
 import shutil
 import time
 import warnings
@@ -39,6 +38,7 @@ from diffplan.train.checkpoint import (
     checkpoint_dirs,
     latest_checkpoint,
     load_checkpoint,
+    recover_checkpoints,
     save_checkpoint,
     step_dir_name,
 )
@@ -269,6 +269,9 @@ class Trainer:
         """
         cfg = self.config
         try:
+            if self.is_main and self.out_dir is not None:
+                recover_checkpoints(self.out_dir / CHECKPOINTS_SUBDIR)
+            dist_.barrier()
             if resume:
                 self._resume()
                 if self.step >= cfg.steps:
@@ -281,7 +284,6 @@ class Trainer:
                 )
             log = None
             if self.is_main and self.out_dir is not None:
-                _remove_stale_partials(self.out_dir / CHECKPOINTS_SUBDIR)
                 log = _RunLog(self.out_dir, self.step, resume)
             bar = None
             if self.is_main and cfg.progress and self.step < cfg.steps:
@@ -520,29 +522,6 @@ def _join_tensors(obj: Any, tensors: Mapping[str, Tensor]) -> Any:
     if isinstance(obj, list):
         return [_join_tensors(v, tensors) for v in obj]
     return obj
-
-
-_STALE_RE = re.compile(r"^\.(?:tmp|old)-.+-(\d+)$")
-
-
-def _remove_stale_partials(ckpt_root: Path) -> None:
-    """Delete ``.tmp-*`` / ``.old-*`` folders left by writers that are no longer running."""
-    if not ckpt_root.is_dir():
-        return
-    for entry in ckpt_root.iterdir():
-        m = _STALE_RE.match(entry.name)
-        if not m:
-            continue
-        pid = int(m.group(1))
-        if pid != os.getpid():
-            try:
-                os.kill(pid, 0)
-                continue  # still alive: someone else's write in progress
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
 
 
 class _RunLog:
