@@ -82,10 +82,10 @@ def step_dir_name(step: int) -> str:
 
 
 def check_shapes(state: dict[str, Any], expected: dict[str, Any], where: str | os.PathLike) -> None:
-    """``CheckpointError`` naming the first tensor of ``state`` whose shape differs from the same
-    entry of ``expected`` (a freshly built module's ``state_dict()``), with both shapes."""
-    for name, value in state.items():
-        want = expected.get(name)
+    """``CheckpointError`` naming the first tensor, in the order of ``expected`` (a freshly built
+    module's ``state_dict()``), whose shape in ``state`` differs, with both shapes."""
+    for name, want in expected.items():
+        value = state.get(name)
         if isinstance(value, torch.Tensor) and isinstance(want, torch.Tensor) and value.shape != want.shape:
             raise CheckpointError(f"{where}: tensor {name!r} has shape {tuple(value.shape)}, but the model "
                                   f"built from config.yaml expects {tuple(want.shape)}")
