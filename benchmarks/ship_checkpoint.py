@@ -5,6 +5,11 @@
 Writes ``model.safetensors``, ``config.yaml``, ``trainer_state.json`` (no optimizer state), the
 run's ``log.csv`` as ``train_log.csv``, and ``train.json``: steps, wall time summed from the log's
 per-interval steps/s, mean steps/s, and the machine. The checkpoint's config is copied as trained.
+
+``--refiner-from DIFFUSER`` (Trajectory Diffusers with ``refiner_from``): ship the run's drafter with
+the given Diffuser's U-Net as its refiner. The drafter trains on data windows alone, so it does not
+depend on which checkpoint of that Diffuser the run copied; this attaches the shipped one and
+records it in the config, which is what training with ``refiner_from: DIFFUSER`` writes.
 """
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ def main(argv=None) -> int:
     ap.add_argument("run", type=Path)
     ap.add_argument("--name", help="folder name under checkpoints/<task>/ (default: the policy kind)")
     ap.add_argument("--config", help="the config file the run was trained from, recorded in train.json")
+    ap.add_argument("--refiner-from", help="TD: attach this Diffuser checkpoint's U-Net as the refiner")
     args = ap.parse_args(argv)
     step_dirs = sorted((args.run / "checkpoints").glob("step-*"))
     if not step_dirs:
@@ -47,9 +53,21 @@ def main(argv=None) -> int:
     src = step_dirs[-1]
     cfg = yaml.safe_load((src / "config.yaml").read_text())
     dest = ROOT / "checkpoints" / cfg["spec"]["task"] / (args.name or cfg["kind"])
-    dest.mkdir(parents=True, exist_ok=True)
-    for name in ("model.safetensors", "config.yaml", "trainer_state.json"):
-        shutil.copy2(src / name, dest / name)
+    if args.refiner_from:
+        import dataclasses
+
+        from diffplan.policies import load_policy
+
+        td = load_policy(src)
+        td.config = dataclasses.replace(td.config, refiner_from=args.refiner_from)
+        td.load_refiner(ROOT / args.refiner_from)
+        td.save(dest, **{k: v for k, v in cfg.items() if k not in ("kind", "spec", "policy")})  # replaces dest
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("model.safetensors", "config.yaml"):
+            shutil.copy2(src / name, dest / name)
+    shutil.copy2(src / "trainer_state.json", dest / "trainer_state.json")
+    (dest / ".complete").unlink(missing_ok=True)  # a shipped folder is a plain folder
     steps, wall = log_wall_s(args.run / "log.csv")
     shutil.copy2(args.run / "log.csv", dest / "train_log.csv")
     info = {"config": args.config, "steps": steps, "wall_s": round(wall), "steps_per_s": round(steps / wall, 2),

@@ -277,7 +277,7 @@ class TrajectoryDiffuser(PolicyBase):
         must plan the same windows: same normalizer, horizon, stride, U-Net, schedule, objective."""
         from diffplan.train.checkpoint import load_checkpoint
 
-        ckpt = load_checkpoint(Path(path))
+        ckpt = load_checkpoint(Path(path), resume_state=False)
         theirs = ckpt.config.get("policy", {}) if isinstance(ckpt.config, dict) else {}
         cfg = self.config
         for key in ("horizon", "plan_stride", "dim", "dim_mults", "schedule", "objective"):
