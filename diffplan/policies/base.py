@@ -8,7 +8,7 @@ which every ``act`` goes through.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -44,6 +44,7 @@ class SpaceSpec:
     goal_dim: int = 0  # > 0 for goal envs, whose observations are dicts
     task: str | None = None
     env_id: str | None = None
+    env_kwargs: dict = field(default_factory=dict)  # gym.make kwargs of env_id (data without a task)
 
     @classmethod
     def from_dataset(cls, dataset) -> "SpaceSpec":
@@ -69,7 +70,8 @@ class SpaceSpec:
         goal_dim = 0 if dataset.goals is None else int(dataset.goals.shape[1])
         return cls(obs_dim=int(dataset.observations.shape[1]), act_dim=int(dataset.actions.shape[1]),
                    action_low=tuple(float(v) for v in low), action_high=tuple(float(v) for v in high),
-                   goal_dim=goal_dim, task=dataset.task, env_id=dataset.env_id)
+                   goal_dim=goal_dim, task=dataset.task, env_id=dataset.env_id,
+                   env_kwargs=dict(dataset.env_kwargs or {}))
 
 
 # ---------------------------------------------------------------------------------------------- goal hold
