@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _evaluate(checkpoint: Path, args, out: Path | None, env=None, refs=(None, None)):
+def _evaluate(checkpoint, args, out: Path | None, env=None, refs=(None, None)):
     """Evaluate a checkpoint and write its report to ``out`` (default ``runs/eval/<name>``);
     nothing is written into the checkpoint (shipped metrics.json files come from benchmarks/)."""
     from diffplan.eval import evaluate
@@ -253,9 +253,7 @@ def _run_name(checkpoint: Path) -> str:
 
 
 def cmd_eval(args) -> int:
-    from diffplan.resources import find
-
-    _evaluate(find(args.checkpoint), args, Path(args.out) if args.out else None, env=args.env,
+    _evaluate(args.checkpoint, args, Path(args.out) if args.out else None, env=args.env,
               refs=(args.ref_min, args.ref_max))
     return 0
 
@@ -278,9 +276,7 @@ def cmd_bench(args) -> int:
     from diffplan.policies import load_policy
     from diffplan.runtime.bench import bench_policy, format_table
 
-    from diffplan.resources import find
-
-    policy = load_policy(find(args.checkpoint), device=args.device)
+    policy = load_policy(args.checkpoint, device=args.device)
     batches = [int(b) for b in args.batch.split(",")]
     steps = [int(s) for s in args.steps.split(",")] if args.steps else [None]
     rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None)

@@ -223,7 +223,7 @@ def evaluate(policy, env=None, episodes: int = 100, num_envs: int = 10, seed: in
             plan_trace = {i: [] for i in keep}
             filming = render and done_eps == 0
             if filming:
-                frames.append(envs[0].render())
+                frames.append(_render(envs[0]))
             while alive.any():
                 batch = _stack(obs)
                 t0 = time.perf_counter()
@@ -232,14 +232,15 @@ def evaluate(policy, env=None, episodes: int = 100, num_envs: int = 10, seed: in
                 sizes.append(num_envs)
                 if keep:
                     _record(policy, batch, keep, trace, plan_trace)
+                film = filming and alive[0]
                 for i in np.flatnonzero(alive):
                     obs[i], reward, terminated, truncated, info = envs[i].step(action[i])
                     ret[i] += reward
                     length[i] += 1
                     success[i] |= bool(info.get("success", False))
                     alive[i] = not (terminated or truncated)
-                if filming and alive[0] and length[0] % every == 0:
-                    frames.append(envs[0].render())
+                if film and (length[0] % every == 0 or not alive[0]):  # and the last frame
+                    frames.append(_render(envs[0]))
             returns += ret[:n].tolist()
             lengths += length[:n].tolist()
             successes += success[:n].tolist()
@@ -270,6 +271,13 @@ def evaluate(policy, env=None, episodes: int = 100, num_envs: int = 10, seed: in
         decisions_per_s=float(np.sum(sizes) / (lat_a.sum() / 1e3)), num_envs=num_envs,
         ref_min_score=lo, ref_max_score=hi, wall_s=wall, paths=paths, plans=plans,
         frames=frames, frame_fps=fps / every)
+
+
+def _render(env) -> np.ndarray:
+    try:
+        return env.render()
+    except gym.error.DependencyNotInstalled as err:
+        raise ConfigError(f"cannot render {env.spec.id if env.spec else 'the env'} for a video: {err}") from None
 
 
 def _reset(policy, seed: int) -> None:

@@ -424,14 +424,16 @@ class PolicyBase(nn.Module):
 
 
 def load_policy(path, device: str | torch.device = "cpu", task: str | None = None) -> PolicyBase:
-    """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint).
+    """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint;
+    a shipped ``checkpoints/...`` path works from any folder).
 
     ``task``: if given, refuse a checkpoint trained for another task, naming both.
     """
+    from diffplan.resources import find
     from diffplan.train.checkpoint import load_checkpoint
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(find(path))
     cfg = ckpt.config
     kind = cfg.get("kind")
     if kind not in POLICIES:

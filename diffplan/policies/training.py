@@ -11,9 +11,9 @@ the ``policy`` settings and the ``train`` settings::
 The data can instead be given to ``train_policy(cfg, out, dataset=...)``: an ``OfflineDataset``,
 or a name or path for ``diffplan.data.load`` (``diffplan train CONFIG --dataset ID_OR_PATH``).
 """
-import os
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -24,8 +24,11 @@ TOP_KEYS = {"kind", "task", "dataset", "policy", "train"}
 
 
 def read_config(path) -> dict:
-    """Load a training config YAML and check its top-level keys."""
-    path = Path(path)
+    """Load a training config YAML (a shipped ``configs/...`` path works from any folder) and
+    check its top-level keys."""
+    from diffplan.resources import find
+
+    path = find(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
