@@ -28,7 +28,7 @@ def test_the_readme_marks_its_own_dataset_and_own_env_snippets():
 def test_readme_snippets_run(tmp_path):
     env = {**os.environ, "MINARI_DATASETS_PATH": str(tmp_path / "minari"), "MPLBACKEND": "Agg",
            "OMP_NUM_THREADS": "1", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    for i, (lang, code) in enumerate(tested_blocks()):
+    for i, (lang, code) in enumerate(readme_blocks()):
         command = [sys.executable, "-c", code] if lang == "python" else ["bash", "-euo", "pipefail", "-c", code]
         done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, f"README block {i} ({lang}) failed:\n{code}\n{done.stderr[-3000:]}"
