@@ -235,9 +235,10 @@ def _evaluate(checkpoint, args, out: Path | None, env=None, refs=(None, None)):
     policy = load_policy(checkpoint, device=args.device)
     report = evaluate(policy, env, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
                       progress=True, video=args.video, ref_min_score=refs[0], ref_max_score=refs[1])
-    files = report.save(out or Path("runs") / "eval" / _run_name(policy.checkpoint_path), video=args.video)
+    out = report.save(out or Path("runs") / "eval" / _run_name(policy.checkpoint_path), video=args.video)
     print(report.summary())
-    print(f"report: {', '.join(str(f) for f in files)}")
+    files = ["report.json", "report.png"] + ([p.name for p in out.glob("episode.*")] if args.video else [])
+    print(f"report in {out}/: {', '.join(files)}")
     return report
 
 

@@ -95,22 +95,21 @@ class EvalReport:
         tmp.replace(path)
         return True
 
-    def save(self, out_dir, video: bool = False) -> list[Path]:
+    def save(self, out_dir, video: bool = False) -> Path:
         """Write report.json and a PNG (the maze with planned and executed paths, or returns);
-        with ``video``, episode 0 as well: the rendered frames (mp4, or gif without
-        imageio-ffmpeg), or for a maze its paths and plans drawn over the walls (gif).
-        Returns the files written."""
+        with ``video``, episode 0 as well: the rendered frames as episode.mp4 (episode.gif without
+        imageio-ffmpeg), or for a maze its paths and plans drawn over the walls (episode.gif)."""
         from diffplan.eval.plots import animate_episode, plot_report, write_video
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "report.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        files = [out / "report.json", plot_report(self, out / "report.png")]
+        plot_report(self, out / "report.png")
         if video and self.frames:
-            files.append(write_video(self.frames, out / "episode", self.frame_fps))
+            write_video(self.frames, out / "episode", self.frame_fps)
         elif video and self.paths:
-            files.append(animate_episode(self, out / "episode.gif"))
-        return files
+            animate_episode(self, out / "episode.gif")
+        return out
 
 
 @dataclass
