@@ -210,7 +210,7 @@ def evaluate(policy, env=None, episodes: int = 100, num_envs: int = 10, seed: in
         bar = tqdm(total=episodes, desc=f"eval {target.name}", disable=not progress, unit="ep")
         while done_eps < episodes:
             n = min(num_envs, episodes - done_eps)
-            obs = [env.reset(seed=seed + done_eps + i)[0] for i, env in enumerate(envs)]
+            obs = [e.reset(seed=seed + done_eps + i)[0] for i, e in enumerate(envs)]
             _reset(policy, seed + done_eps)
             ret = np.zeros(num_envs)
             length = np.zeros(num_envs, dtype=np.int64)
@@ -250,9 +250,9 @@ def evaluate(policy, env=None, episodes: int = 100, num_envs: int = 10, seed: in
             bar.update(n)
         bar.close()
     finally:
-        for env in envs:
-            if env is not target.env:
-                env.close()
+        for made in envs:
+            if made is not target.env:
+                made.close()
     wall = time.perf_counter() - t_start
     r = np.asarray(returns, dtype=np.float64)
     lo, hi = target.ref_min_score, target.ref_max_score

@@ -14,7 +14,6 @@ or a name or path for ``diffplan.data.load`` (``diffplan train CONFIG --dataset 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import yaml
 
