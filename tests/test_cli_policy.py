@@ -128,6 +128,8 @@ def test_evaluate_takes_an_env_id_or_an_env_and_normalizes_only_with_references(
     assert mine.lengths == [7, 7] and mine.num_envs == 1 and env.unwrapped is not None
     with pytest.raises(ValueError, match="Pendulm-v1"):
         evaluate(policy, "Pendulm-v1", episodes=1)
+    with pytest.raises(ConfigError, match="both references"):
+        evaluate(policy, "Pendulum-v1", episodes=1, ref_min_score=-1000.0)
 
 
 def test_eval_cli_with_env_writes_to_runs_eval(pendulum_run, tmp_path, monkeypatch, capsys):

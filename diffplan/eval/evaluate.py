@@ -166,7 +166,9 @@ def eval_env(env=None, policy=None, ref_min_score: float | None = None,
                          is_goal_env=isinstance(env.observation_space, gym.spaces.Dict))
     else:
         raise TypeError(f"evaluate expects a task name, TaskCard, Gymnasium env id or env, got {type(env).__name__}")
-    if ref_min_score is not None or ref_max_score is not None:
+    if (ref_min_score is None) != (ref_max_score is None):
+        raise ConfigError("give both references, the returns that score 0 and 100, or neither")
+    if ref_min_score is not None:
         target.ref_min_score, target.ref_max_score = ref_min_score, ref_max_score
     return target
 
