@@ -3,6 +3,7 @@ from another folder, `diffplan demo` finds its checkpoint and the locomotion rec
 behavior snapshots in the package data. About 2-3 minutes here (pip's cache; torch from a local
 CPU wheel); a CI without them downloads the dependencies once, torch from PIP_INDEX_URL if set."""
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,8 +25,10 @@ def run(command, **kwargs) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_the_wheel_runs_its_demo_and_makes_locomotion_data_outside_the_repository(tmp_path):
     start = time.perf_counter()
-    dist = tmp_path / "dist"
-    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, ROOT])
+    source, dist = tmp_path / "source", tmp_path / "dist"  # built from a copy: no build/ left here
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
+        ".git", ".*venv*", "runs", "build", "dist", "*.egg-info", "__pycache__", ".*_cache"))
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", dist, source])
     (wheel,) = dist.glob("diffplan-*.whl")
     assert wheel.stat().st_size < 16e6  # README: about 12 MB
     names = set(zipfile.ZipFile(wheel).namelist())
