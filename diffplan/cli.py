@@ -10,8 +10,8 @@ warnings print as one ``diffplan: warning: ...`` line.
     diffplan data list                  tasks, and whether each dataset is made
     diffplan data make NAME [--force]   run a task's dataset recipe and cache it (Minari)
     diffplan data info NAME|ID|PATH     counts, episode stats, return distribution, ref scores
-    diffplan train CONFIG.yaml          train a policy (checkpoints, logs, resume)
-    diffplan eval CHECKPOINT            score a checkpoint on its task, write report + metrics.json
+    diffplan train CONFIG.yaml [K=V]    train a policy (checkpoints, logs, resume; config overrides)
+    diffplan eval CHECKPOINT [--env ID] score a checkpoint on its task or an env; report in runs/eval/
     diffplan bench CHECKPOINT           act() latency, decisions/s, network evaluations
     diffplan tune-steps CHECKPOINT      score/latency per solver step count; store the fewest good
     diffplan demo                       evaluate the shipped pointmaze-umaze Diffuser
@@ -31,7 +31,7 @@ import numpy as np
 
 from pathlib import Path
 
-from diffplan.config import ConfigError
+from diffplan.config import ConfigError, apply_overrides
 from diffplan.data import DatasetError
 from diffplan.envs import UnknownTaskError
 from diffplan.policies.base import ActionError, ObservationError
@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)
+        args = _parse(build_parser(), argv)
     except SystemExit as done:  # --help, or a usage error already printed
         return int(done.code or 0)
     debug = getattr(args, "debug", False)
@@ -120,6 +120,17 @@ def _list_of(item):
 
     parse.__name__ = "comma-separated list"
     return parse
+
+
+def _parse(parser: argparse.ArgumentParser, argv):
+    """``parse_args``, except that ``KEY=VALUE`` overrides may also follow options (argparse
+    fills a positional list only once)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
 
 
 # ---- diffplan data ---------------------------------------------------------------------------
@@ -210,24 +221,39 @@ def cmd_data_info(args) -> int:
 
 # ---- diffplan train / eval / bench / demo -------------------------------------------------------
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = "checkpoints/pointmaze-umaze/diffuser"
 
 
 def add_policy_commands(groups) -> None:
-    p = groups.add_parser("train", help="train a policy from a YAML config")
-    p.add_argument("config", help="YAML config, e.g. configs/diffuser/pointmaze-umaze.yaml")
+    p = groups.add_parser(
+        "train", help="train a policy from a YAML config",
+        description="Train a policy from a YAML config. KEY=VALUE arguments override config entries, "
+                    "e.g. `policy.horizon=64 train.lr=1e-4`; values are YAML scalars or [lists], "
+                    "unknown keys are refused, and the run's config.yaml records the result.")
+    p.add_argument("config", help="YAML config, e.g. configs/diffuser/pointmaze-umaze.yaml (shipped configs "
+                                  "are found from any folder)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides, e.g. policy.horizon=64 train.lr=1e-4")
+    p.add_argument("--dataset", metavar="ID_OR_PATH",
+                   help="train on this dataset instead of the config's: a task name, a local Minari id, "
+                        "or a .hdf5 / .npz file or Minari folder")
     p.add_argument("--out", help="run folder (default runs/<config name>)")
     p.add_argument("--steps", type=_at_least(1), help="override train.steps")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the config's)")
     p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     p.set_defaults(func=cmd_train)
 
-    p = groups.add_parser("eval", help="evaluate a checkpoint on its task")
+    p = groups.add_parser("eval", help="evaluate a checkpoint on its task or on a Gymnasium env")
     p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its latest checkpoint)")
+    p.add_argument("--env", metavar="ENV_ID",
+                   help="a diffplan task or Gymnasium env id (default: the checkpoint's task, else the env "
+                        "its dataset recorded)")
+    p.add_argument("--ref-min", type=float, help="return that scores 0 (default: the task's; none for an env)")
+    p.add_argument("--ref-max", type=float, help="return that scores 100; without references the score "
+                                                 "is the raw return")
     _eval_args(p, episodes=100)
-    p.add_argument("--out", help="report folder (default: <checkpoint>/eval)")
-    p.add_argument("--no-metrics", action="store_true", help="do not write metrics.json into the checkpoint")
+    p.add_argument("--out", help="report folder (default: runs/eval/<name>, name: the run folder, or "
+                                 "<task>-<kind> for a shipped checkpoint)")
     p.set_defaults(func=cmd_eval)
 
     p = groups.add_parser("bench", help="act() latency, decisions/s and network evaluations")
@@ -264,69 +290,77 @@ def add_policy_commands(groups) -> None:
 
 
 def _eval_args(p, episodes: int) -> None:
-    p.add_argument("--episodes", type=_at_least(1), default=episodes)
-    p.add_argument("--num-envs", type=_at_least(1), default=10)
-    p.add_argument("--seed", type=_at_least(0), default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--video", action="store_true", help="also write an animated GIF of one episode")
-
-
-def _find(path: str) -> Path:
-    """A path as given, or relative to the repository (for shipped checkpoints and configs)."""
-    p = Path(path)
-    if p.exists() or p.is_absolute():
-        return p
-    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
+    p.add_argument("--episodes", type=_at_least(1), default=episodes, help="episodes to run (default %(default)s)")
+    p.add_argument("--num-envs", type=_at_least(1), default=10, help="envs stepped in parallel (default %(default)s)")
+    p.add_argument("--seed", type=_at_least(0), default=0,
+                   help="episode i resets with seed SEED+i (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device of the policy (default %(default)s)")
+    p.add_argument("--video", action="store_true",
+                   help="also write episode 0 as a video: the env rendered offscreen (mp4, or gif without "
+                        "imageio-ffmpeg); for mazes the plans drawn over the walls (gif)")
 
 
 def cmd_train(args) -> int:
     from diffplan.policies.training import read_config, train_policy
+    from diffplan.resources import find
 
-    path = _find(args.config)
-    cfg = read_config(path)
+    path = find(args.config)
+    cfg = apply_overrides(read_config(path), args.overrides)
+    if args.dataset:
+        cfg["dataset"] = args.dataset
     out = Path(args.out or Path("runs") / path.stem)
     latest = latest_checkpoint(out)
     if latest is not None and not args.resume:
         raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}); pass --resume to "
                           "continue it, or --out to train into another folder")
-    print(f"training {cfg['kind']} on {cfg.get('task') or cfg.get('dataset')} -> {out}")
+    print(f"training {cfg['kind']} on {cfg.get('dataset') or cfg.get('task')} -> {out}")
     train_policy(cfg, out, steps=args.steps, device=args.device, resume=args.resume)
     print(f"done: load it with diffplan.load_policy({str(out)!r}) or `diffplan eval {out}`")
     return 0
 
 
-def _evaluate(checkpoint: Path, args, out: Path, write_metrics: bool):
+def _evaluate(checkpoint, args, out: Path | None, env=None, refs=(None, None)):
+    """Evaluate a checkpoint and write its report to ``out`` (default ``runs/eval/<name>``);
+    nothing is written into the checkpoint (shipped metrics.json files come from benchmarks/)."""
     from diffplan.eval import evaluate
     from diffplan.policies import load_policy
 
     policy = load_policy(checkpoint, device=args.device)
-    task = policy.spec.task
-    if task is None:
-        raise ConfigError(f"{checkpoint} does not name its task; evaluate it from Python with evaluate()")
-    report = evaluate(policy, task, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
-                      progress=True)
-    report.save(out, video=args.video)
-    if write_metrics:
-        report.write_metrics(getattr(policy, "checkpoint_path", checkpoint))
+    report = evaluate(policy, env, episodes=args.episodes, num_envs=args.num_envs, seed=args.seed,
+                      progress=True, video=args.video, ref_min_score=refs[0], ref_max_score=refs[1])
+    out = report.save(out or Path("runs") / "eval" / _run_name(policy.checkpoint_path), video=args.video)
     print(report.summary())
-    print(f"report: {out / 'report.json'}, picture: {out / 'report.png'}"
-          + (f", video: {out / 'episode.gif'}" if args.video else ""))
+    files = ["report.json", "report.png"] + ([p.name for p in out.glob("episode.*")] if args.video else [])
+    print(f"report in {out}/: {', '.join(files)}")
     return report
 
 
+def _run_name(checkpoint: Path) -> str:
+    """The run folder's name (``runs/x/checkpoints/step-N`` -> ``x``); ``<task>-<kind>`` for a
+    shipped ``checkpoints/<task>/<kind>``."""
+    run = checkpoint.resolve()
+    if run.name.startswith("step-"):
+        run = run.parent
+    if run.name == "checkpoints":
+        run = run.parent
+    return f"{run.parent.name}-{run.name}" if run.parent.parent.name == "checkpoints" else run.name
+
+
 def cmd_eval(args) -> int:
-    ckpt = _find(args.checkpoint)
-    _evaluate(ckpt, args, Path(args.out) if args.out else ckpt / "eval", not args.no_metrics)
+    _evaluate(args.checkpoint, args, Path(args.out) if args.out else None, env=args.env,
+              refs=(args.ref_min, args.ref_max))
     return 0
 
 
 def cmd_demo(args) -> int:
-    ckpt = _find(args.checkpoint)
+    from diffplan.resources import find
+
+    ckpt = find(args.checkpoint)
     if not ckpt.exists():
-        raise FileNotFoundError(f"shipped checkpoint {args.checkpoint} not found; run from the repository "
-                                "or pass --checkpoint")
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} not found (the shipped demo checkpoint is "
+                                f"{DEMO_CHECKPOINT})")
     print(f"diffplan demo: {ckpt} on its task, {args.episodes} episodes, {args.num_envs} envs in parallel")
-    report = _evaluate(ckpt, args, Path(args.out), write_metrics=False)
+    report = _evaluate(ckpt, args, Path(args.out))
     print(f"score {report.normalized_mean:.1f} ± {report.normalized_stderr:.1f} (the expert is 100), "
           f"{report.decisions_per_s:.0f} decisions/s")
     return 0
@@ -336,7 +370,7 @@ def cmd_bench(args) -> int:
     from diffplan.policies import load_policy
     from diffplan.runtime.bench import bench_policy, format_table
 
-    policy = load_policy(_find(args.checkpoint), device=args.device)
+    policy = load_policy(args.checkpoint, device=args.device)
     rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None)
             for b in args.batch for s in args.steps]
     if args.json:
@@ -350,9 +384,10 @@ def cmd_bench(args) -> int:
 def cmd_tune_steps(args) -> int:
     from diffplan.eval.tune import format_rows, tune_steps, write_default_steps
     from diffplan.policies import load_policy
+    from diffplan.resources import find
 
     steps = args.steps
-    ckpt = _find(args.checkpoint)
+    ckpt = find(args.checkpoint)
     policy = load_policy(ckpt, device=args.device)
     field = policy.steps_field
     print(f"{policy.kind} ({policy.spec.task}): {field} in {steps}, {args.episodes} episodes each "

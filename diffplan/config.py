@@ -1,9 +1,12 @@
 """Dataclass configs <-> plain dicts (YAML), with errors that name the offending key."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
+import re
 import typing
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -152,3 +155,36 @@ def to_dict(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}
     return obj
+
+
+# YAML 1.1 (PyYAML) reads `1e-4` as a string; a command-line override means the number.
+_EXP_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
+def apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
+    """A copy of ``cfg`` with ``KEY.PATH=VALUE`` overrides set, e.g. ``policy.horizon=64``,
+    ``train.lr=1e-4``, ``policy.dim_mults=[1,2]``. Values are read as YAML scalars (or flow
+    lists); whether a key exists is checked where the config is built (``from_dict``)."""
+    import yaml
+
+    out = copy.deepcopy(cfg)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        if not eq or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} is not KEY=VALUE (e.g. policy.horizon=64)")
+        try:
+            value = float(text) if _EXP_FLOAT.fullmatch(text) else yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: {text!r} is not a YAML value") from None
+        *path, last = key.split(".")
+        node = out
+        for depth, part in enumerate(path):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(path[:depth + 1])} is "
+                                  f"{child!r}, not a section with keys")
+            node = child
+        node[last] = value
+    return out

@@ -104,11 +104,14 @@ def make_env(env_id: str, **kwargs):
 
 
 def behavior_dir() -> Path:
-    """``checkpoints/behavior`` of the repository (override: ``DIFFPLAN_BEHAVIOR_DIR``)."""
+    """The shipped ``checkpoints/behavior`` (repository or installed package data, see
+    :mod:`diffplan.resources`; override: ``DIFFPLAN_BEHAVIOR_DIR``)."""
+    from diffplan.resources import PACKAGE_DIR, shipped
+
     env = os.environ.get("DIFFPLAN_BEHAVIOR_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "checkpoints" / "behavior"
+    return shipped("checkpoints/behavior") or PACKAGE_DIR / "checkpoints" / "behavior"
 
 
 # --------------------------------------------------------------------------------------------
@@ -450,8 +453,10 @@ def _build_dataset(card, steps: int, seed: int, progress: bool):
 
 
 def _build_env(card, render_mode=None):
+    # rendered through the model's "track" camera, which follows the robot (the default one does not)
+    camera = {"camera_name": "track"} if render_mode in ("rgb_array", "depth_array") else {}
     return make_env(card.env_id, max_episode_steps=card.episode_steps, render_mode=render_mode,
-                    **dict(card.eval_kwargs))
+                    **camera, **dict(card.eval_kwargs))
 
 
 def _build_expert(card):

@@ -1,4 +1,5 @@
-"""Pictures of an evaluation: mazes with planned and executed paths, or the return histogram."""
+"""Pictures of an evaluation: mazes with planned and executed paths, or the return histogram;
+videos of an episode."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,9 +15,11 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 def _maze_axes(report, ax) -> bool:
     """Draw the task's maze on ``ax``; False when the task has no maze."""
     try:
-        from diffplan.envs import get_task
+        from diffplan.envs import get_task, list_tasks
         from diffplan.envs.maze import draw_maze
     except ImportError:
+        return False
+    if report.task not in list_tasks():  # a Gymnasium env id
         return False
     card = get_task(report.task)
     if not getattr(card, "is_goal_env", False):
@@ -95,5 +98,20 @@ def animate_episode(report, path, episode: int = 0, every: int = 4) -> Path:
         fig.canvas.draw()
         frames.append(np.asarray(fig.canvas.buffer_rgba())[..., :3].copy())
     plt.close(fig)
-    imageio.mimsave(path, frames, duration=0.05, loop=0)
+    imageio.mimsave(path, frames, duration=50, loop=0)  # ms per frame
+    return path
+
+
+def write_video(frames, path, fps: float = 30.0) -> Path:
+    """Rendered RGB frames as ``path``.mp4, or ``path``.gif where imageio-ffmpeg is not installed."""
+    import imageio.v2 as imageio
+
+    try:
+        import imageio_ffmpeg  # noqa: F401
+    except ImportError:
+        path = Path(path).with_suffix(".gif")
+        imageio.mimsave(path, frames, duration=1000 / fps, loop=0)
+        return path
+    path = Path(path).with_suffix(".mp4")
+    imageio.mimsave(path, frames, fps=fps, macro_block_size=8)
     return path

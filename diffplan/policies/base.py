@@ -8,7 +8,7 @@ which every ``act`` goes through.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar
 
@@ -50,6 +50,7 @@ class SpaceSpec:
     goal_dim: int = 0  # > 0 for goal envs, whose observations are dicts
     task: str | None = None
     env_id: str | None = None
+    env_kwargs: dict = field(default_factory=dict)  # gym.make kwargs of env_id (data without a task)
 
     @classmethod
     def from_dataset(cls, dataset) -> "SpaceSpec":
@@ -75,7 +76,8 @@ class SpaceSpec:
         goal_dim = 0 if dataset.goals is None else int(dataset.goals.shape[1])
         return cls(obs_dim=int(dataset.observations.shape[1]), act_dim=int(dataset.actions.shape[1]),
                    action_low=tuple(float(v) for v in low), action_high=tuple(float(v) for v in high),
-                   goal_dim=goal_dim, task=dataset.task, env_id=dataset.env_id)
+                   goal_dim=goal_dim, task=dataset.task, env_id=dataset.env_id,
+                   env_kwargs=dict(dataset.env_kwargs or {}))
 
 
 class PolicyBase(nn.Module):
@@ -316,15 +318,17 @@ CHECKPOINT_KEYS = ("kind", "spec", "policy", "train", "data")  # the top level o
 
 
 def load_policy(path, device: str | torch.device = "cpu", task: str | None = None) -> PolicyBase:
-    """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint).
+    """Rebuild any policy from a checkpoint folder (or a training run folder: its latest checkpoint;
+    a shipped ``checkpoints/...`` path works from any folder).
 
     ``task``: if given, refuse a checkpoint trained for another task, naming both.
     """
+    from diffplan.resources import find
     from diffplan.train.checkpoint import CheckpointError, check_shapes, load_checkpoint
     import diffplan.policies  # noqa: F401  (registers every policy kind)
 
     device = resolve_device(device)
-    ckpt = load_checkpoint(path, resume_state=False)
+    ckpt = load_checkpoint(find(path), resume_state=False)
     cfg = ckpt.config
     unknown = sorted(set(cfg) - set(CHECKPOINT_KEYS))
     if unknown:

@@ -7,10 +7,13 @@ the ``policy`` settings and the ``train`` settings::
     task: pointmaze-umaze
     policy: {horizon: 128, dim: 32, dim_mults: [1, 2, 4]}
     train: {steps: 20000, batch_size: 32, lr: 2.0e-4}
+
+The data can instead be given to ``train_policy(cfg, out, dataset=...)``: an ``OfflineDataset``,
+or a name or path for ``diffplan.data.load`` (``diffplan train CONFIG --dataset ID_OR_PATH``).
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 import torch
 import yaml
@@ -21,8 +24,11 @@ TOP_KEYS = {"kind", "task", "dataset", "policy", "train"}
 
 
 def read_config(path) -> dict:
-    """Load a training config YAML and check its top-level keys."""
-    path = Path(path)
+    """Load a training config YAML (a shipped ``configs/...`` path works from any folder) and
+    check its top-level keys."""
+    from diffplan.resources import find
+
+    path = find(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
@@ -41,17 +47,16 @@ def check_config(cfg: dict, where: str = "config") -> None:
         raise ConfigError(f"{where}: unknown top-level key(s) {unknown}; valid keys: {sorted(TOP_KEYS)}")
     if "kind" not in cfg:
         raise ConfigError(f"{where}: missing 'kind' (the policy type, e.g. 'diffuser')")
-    if "task" not in cfg and "dataset" not in cfg:
-        raise ConfigError(f"{where}: give 'task' (e.g. pointmaze-umaze) or 'dataset' (an id or path)")
 
 
 def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | None = None,
                  resume: bool = False, progress: bool = True, dataset=None):
     """Build the policy from ``cfg`` and its dataset, train it, and return it (EMA weights).
 
-    Checkpoints go to ``out_dir/checkpoints/step-*/``; ``load_policy(out_dir)`` loads the latest.
-    The run is a function of ``train.seed``: it seeds the network initialization here and the data
-    order and per-step randomness in the Trainer.
+    ``dataset``: an ``OfflineDataset``, or a task name / Minari id / path (default: the config's
+    ``dataset``, else its ``task``). Checkpoints go to ``out_dir/checkpoints/step-*/``;
+    ``load_policy(out_dir)`` loads the latest. The run is a function of ``train.seed``: it seeds the
+    network initialization here and the data order and per-step randomness in the Trainer.
     """
     import diffplan.policies  # noqa: F401  (registers every kind)
     from diffplan.data import load
@@ -71,13 +76,17 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
     train_cfg.setdefault("progress", progress)
     tcfg = from_dict(TrainConfig, train_cfg, "train")
     pcfg = from_dict(cls.Config, cfg.get("policy"), "policy")
-    if dataset is None:
-        dataset = load(cfg.get("dataset") or cfg["task"])
+    if dataset is None or isinstance(dataset, (str, os.PathLike)):
+        source = os.fspath(dataset or cfg.get("dataset") or cfg.get("task") or "")
+        if not source:
+            raise ConfigError("no data to train on: give 'task' or 'dataset' in the config, or a dataset")
+        dataset = load(source)
+    else:
+        source = dataset.source or None
     with torch.random.fork_rng(devices=[]):  # network init, like the data order, is a function of train.seed
         torch.manual_seed(tcfg.seed)
         policy = cls.from_dataset(dataset, pcfg)
-    run_config = policy.run_config(train=_plain(tcfg),
-                                   data={"task": cfg.get("task"), "dataset": cfg.get("dataset")})
+    run_config = policy.run_config(train=_plain(tcfg), data={"task": dataset.task, "dataset": source})
     trainer = Trainer(policy, policy.batches(dataset, tcfg.batch_size), tcfg, out_dir, run_config=run_config)
     return trainer.fit(resume=resume)
 
