@@ -301,7 +301,7 @@ def _eval_args(p, episodes: int) -> None:
 
 
 def cmd_train(args) -> int:
-    from diffplan.policies.training import read_config, train_policy
+    from diffplan.policies.training import parse_config, read_config, train_policy
     from diffplan.resources import find
 
     path = find(args.config)
@@ -309,6 +309,7 @@ def cmd_train(args) -> int:
     if args.dataset:
         cfg["dataset"] = args.dataset
     out = Path(args.out or Path("runs") / path.stem)
+    parse_config(cfg, steps=args.steps, device=args.device)  # every key and value checked before the run folder
     latest = latest_checkpoint(out)
     if latest is not None and not args.resume:
         raise ConfigError(f"{out} already holds a run (latest checkpoint {latest.name}); pass --resume to "

@@ -49,19 +49,12 @@ def check_config(cfg: dict, where: str = "config") -> None:
         raise ConfigError(f"{where}: missing 'kind' (the policy type, e.g. 'diffuser')")
 
 
-def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | None = None,
-                 resume: bool = False, progress: bool = True, dataset=None):
-    """Build the policy from ``cfg`` and its dataset, train it, and return it (EMA weights).
-
-    ``dataset``: an ``OfflineDataset``, or a task name / Minari id / path (default: the config's
-    ``dataset``, else its ``task``). Checkpoints go to ``out_dir/checkpoints/step-*/``;
-    ``load_policy(out_dir)`` loads the latest. The run is a function of ``train.seed``: it seeds the
-    network initialization here and the data order and per-step randomness in the Trainer.
-    """
+def parse_config(cfg: dict, *, steps: int | None = None, device: str | None = None, progress: bool = True):
+    """Check a training config all through: ``(policy class, policy config, TrainConfig)``, or a
+    ``ConfigError`` naming the first bad key or value."""
     import diffplan.policies  # noqa: F401  (registers every kind)
-    from diffplan.data import load
     from diffplan.policies.base import POLICIES
-    from diffplan.train import TrainConfig, Trainer
+    from diffplan.train import TrainConfig
 
     check_config(cfg)
     kind = cfg["kind"]
@@ -74,8 +67,22 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
     if device is not None:
         train_cfg["device"] = device
     train_cfg.setdefault("progress", progress)
-    tcfg = from_dict(TrainConfig, train_cfg, "train")
-    pcfg = from_dict(cls.Config, cfg.get("policy"), "policy")
+    return cls, from_dict(cls.Config, cfg.get("policy"), "policy"), from_dict(TrainConfig, train_cfg, "train")
+
+
+def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | None = None,
+                 resume: bool = False, progress: bool = True, dataset=None):
+    """Build the policy from ``cfg`` and its dataset, train it, and return it (EMA weights).
+
+    ``dataset``: an ``OfflineDataset``, or a task name / Minari id / path (default: the config's
+    ``dataset``, else its ``task``). Checkpoints go to ``out_dir/checkpoints/step-*/``;
+    ``load_policy(out_dir)`` loads the latest. The run is a function of ``train.seed``: it seeds the
+    network initialization here and the data order and per-step randomness in the Trainer.
+    """
+    from diffplan.data import load
+    from diffplan.train import Trainer
+
+    cls, pcfg, tcfg = parse_config(cfg, steps=steps, device=device, progress=progress)
     if dataset is None or isinstance(dataset, (str, os.PathLike)):
         source = os.fspath(dataset or cfg.get("dataset") or cfg.get("task") or "")
         if not source:
