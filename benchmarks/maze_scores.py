@@ -3,8 +3,10 @@
     python benchmarks/maze_scores.py [--episodes 100] [--kinds diffuser,trajectory_diffuser,anchored]
 
 For each ``checkpoints/pointmaze-*/<kind>/`` it evaluates the policy on its task (same seeds for
-every policy) and records the normalized score (mean ± standard error), success rate, act latency,
-and what the training cost: steps, wall time (from the run's log when shipped beside it) and size.
+every policy) and records the normalized score (mean ± standard error) against the waypoint expert
+and against the near-time-optimal controller, success rate, act latency, and what the training
+cost: steps, wall time and steps/s (from ``train.json``) and size. Each checkpoint's
+``metrics.json`` is rewritten from this run (``--no-record``: neither).
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
         report = evaluate(policy, policy.spec.task, episodes=args.episodes, num_envs=args.num_envs,
                           seed=args.seed, progress=True)
         print(report.summary())
+        if not args.no_record:
+            report.write_metrics(folder)
         train = training_facts(folder)
         size_mb = sum(p.stat().st_size for p in folder.glob("*.safetensors")) / 2**20
         params = sum(p.numel() for p in policy.parameters())
