@@ -483,7 +483,9 @@ def _print_card(card) -> None:
     d4rl = ""
     if card.d4rl_ref_min_score is not None:
         d4rl = f"  (D4RL: {card.d4rl_ref_min_score:g} / {card.d4rl_ref_max_score:g})"
-    print(f"refs      min {card.ref_min_score:g}  max {card.ref_max_score:g}{d4rl}")
+    optimal = card.extras.get("ref_optimal_score")
+    optimal = f"  near-optimal {optimal:g}" if optimal is not None else ""
+    print(f"refs      min {card.ref_min_score:g}  max {card.ref_max_score:g}{optimal}{d4rl}")
     print(f"          {card.ref_note}")
     print(f"recipe    {card.recipe}")
 
