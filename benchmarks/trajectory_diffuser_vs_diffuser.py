@@ -140,13 +140,14 @@ def main(argv=None) -> list:
         for k in tried_steps(diffuser.checkpoint_path, DEFAULT_STEPS):
             planners[f"Diffuser {diffuser.config.solver}-{k}"] = variant(diffuser, {"steps": k})
         k_td = td.config.refine_steps
-        configured = f"TD k={k_td} (as configured)"
+        configured = f"TD k={k_td} (as configured{', the draft alone' if k_td == 0 else ''})"
         planners[configured] = td
         for k in tried_steps(td.checkpoint_path, ()):
             if k != k_td:
                 planners[f"TD k={k}"] = variant(td, {"refine_steps": k})
-        planners["TD k=0 (draft only)"] = variant(td, {"refine_steps": 0})
-        if td.config.noise_draft:
+        if k_td != 0:
+            planners["TD k=0 (draft only)"] = variant(td, {"refine_steps": 0})
+        if td.config.noise_draft and k_td != 0:
             planners[f"TD k={k_td}, un-noised draft (reference)"] = variant(td, {"noise_draft": False})
         for spec in args.extra_td:
             label, _, path = spec.partition("=")

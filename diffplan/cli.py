@@ -272,8 +272,9 @@ def add_policy_commands(groups) -> None:
         "tune-steps", help="score and time a checkpoint at several solver step counts on tuning seeds, "
         "and store the fewest steps within one standard error of the best as its default")
     p.add_argument("checkpoint", help="checkpoint folder (or a run folder: its latest checkpoint)")
-    p.add_argument("--steps", type=_list_of(_at_least(1)), default=[1, 2, 3, 5, 10],
-                   help="comma-separated step counts (default 1,2,3,5,10)")
+    p.add_argument("--steps", type=_list_of(_at_least(0)), default=[1, 2, 3, 5, 10],
+                   help="comma-separated step counts (default 1,2,3,5,10; a Trajectory Diffuser also takes 0, "
+                        "its draft alone)")
     p.add_argument("--episodes", type=_at_least(2), default=50, help="episodes per step count (default 50)")
     p.add_argument("--num-envs", type=_at_least(1), default=10, help="envs stepped in lockstep (default 10)")
     p.add_argument("--seed", type=_at_least(0), default=1000,

@@ -133,6 +133,14 @@ def test_td_on_a_diffusers_unet_trains_only_its_drafter(strided, maze_data, tmp_
     reloaded.act(obs)
     states = reloaded.plan_states(reloaded.planner._plans)[0]
     np.testing.assert_allclose(states[-1, :2].numpy(), obs["desired_goal"], atol=1e-5)
+    # 0 steps from the runtime is the draft alone (not "the default"), with start and goal imposed
+    reloaded.planner.config.steps = 0
+    reloaded.reset(seed=0)
+    reloaded.act(obs)
+    obs_t, goal_t, _ = reloaded.prepare_obs(obs)
+    with torch.no_grad():
+        draft = reloaded.constraints(obs_t, goal_t).apply(reloaded.draft(obs_t, reloaded.condition(obs_t, goal_t)))
+    torch.testing.assert_close(reloaded.planner._plans, draft)
     bad = {**cfg, "policy": {**cfg["policy"], "horizon": 16}}
     with pytest.raises(ValueError, match="horizon"):
         train_policy(bad, tmp_path / "bad", dataset=maze_data, progress=False)
@@ -191,4 +199,5 @@ def test_tune_steps_writes_the_chosen_default_into_the_checkpoint(strided, tmp_p
     assert diffplan.load_policy(ckpt).default_steps == chosen
     write_default_steps(ckpt, 7)
     assert diffplan.load_policy(ckpt).default_steps == 7
-    assert cli(["tune-steps", str(ckpt), "--steps", "0,2"]) == 2
+    assert cli(["tune-steps", str(ckpt), "--steps", "0,2"]) == 2  # a Diffuser plans with >= 1 step
+    assert "diffuser step counts must be integers >= 1" in capsys.readouterr().err

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import yaml
 
+from diffplan.config import ConfigError
+
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
 TUNING_SEED = 1000
 
@@ -40,10 +42,10 @@ def tune_steps(policy, task=None, steps=DEFAULT_STEPS, episodes: int = 50, num_e
     from diffplan.runtime.bench import bench_policy
 
     steps = sorted({int(s) for s in steps})
-    if not steps or steps[0] < 1:
-        raise ValueError(f"step counts must be integers >= 1, got {steps}")
+    if not steps or steps[0] < policy.min_steps:
+        raise ConfigError(f"{policy.kind} step counts must be integers >= {policy.min_steps}, got {steps}")
     if episodes < 2:
-        raise ValueError(f"episodes must be >= 2 to give a standard error, got {episodes}")
+        raise ConfigError(f"episodes must be >= 2 to give a standard error, got {episodes}")
     task = task or policy.spec.task
     planner_cfg = policy.planner.config
     saved = planner_cfg.steps

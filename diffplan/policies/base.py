@@ -88,6 +88,7 @@ class PolicyBase(nn.Module):
     Config: ClassVar[type] = object
     plan_shape: tuple[int, int]
     steps_field: ClassVar[str] = "steps"  # the config field holding a cold plan's solver steps
+    min_steps: ClassVar[int] = 1  # the fewest it plans with (0: a plan without a denoising step)
 
     @property
     def default_steps(self) -> int:

@@ -211,6 +211,7 @@ class TrajectoryDiffuser(PolicyBase):
     kind = "trajectory_diffuser"
     Config = TrajectoryDiffuserConfig
     steps_field = "refine_steps"
+    min_steps = 0  # the draft alone
 
     def __init__(self, config: TrajectoryDiffuserConfig, spec: SpaceSpec):
         super().__init__(config, spec)

@@ -202,7 +202,7 @@ class Planner:
     # ---------------------------------------------------------------- latency budget
     def _steps_for(self, batch: int, warm: bool, budget_ms: float | None, obs, goal) -> int:
         cfg = self.config
-        base = cfg.warm_steps if warm else (cfg.steps or self.policy.default_steps)
+        base = cfg.warm_steps if warm else (self.policy.default_steps if cfg.steps is None else cfg.steps)
         if budget_ms is None:
             return base
         fixed, per_step = self.measure_cost(batch, warm, obs, goal)
