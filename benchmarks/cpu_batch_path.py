@@ -28,12 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PLANNERS = ["pointmaze-umaze/diffuser", "pointmaze-medium/diffuser"]
 
 
-def replan_ms(policy, obs) -> float:
-    """One replan through ``policy.act`` (every env's plan forgotten first), in ms."""
+def replan_ms(policy, obs) -> tuple[float, float]:
+    """One replan through ``policy.act`` (every env's plan forgotten first): wall and process CPU ms.
+    With one thread the CPU time is the compute alone, whatever other jobs deschedule us."""
     policy.reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     policy.act(obs)
-    return (time.perf_counter() - t0) * 1e3
+    return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 def main(argv=None) -> int:
@@ -56,18 +57,22 @@ def main(argv=None) -> int:
                     if i >= 3:  # warm-up
                         times[label].append(ms)
             unet.NATIVE_CONV_BATCHES = shipped
-            before, after = (float(np.median(times[k])) for k in ("before", "after"))
-            ratio = after / before
-            print(f"{name:28s} batch {batch:3d}  replan before {before:8.2f} ms  after {after:8.2f} ms  "
-                  f"after/before {ratio:.2f}  per env after {after / batch:.2f} ms", flush=True)
-            rows.append([*stamp(), name, str(batch), f"{before:.2f}", f"{after:.2f}", f"{ratio:.2f}",
-                         f"{after / batch:.2f}"])
+            (before, before_cpu), (after, after_cpu) = (np.median(times[k], axis=0) for k in ("before", "after"))
+            ratio, ratio_cpu = after / before, after_cpu / before_cpu
+            print(f"{name:26s} batch {batch:3d}  replan before {before:7.2f} ({before_cpu:7.2f}) ms  after "
+                  f"{after:7.2f} ({after_cpu:7.2f}) ms  after/before {ratio:.2f} ({ratio_cpu:.2f})  "
+                  f"per env after {after / batch:.2f} ({after_cpu / batch:.2f}) ms", flush=True)
+            rows.append([*stamp(), name, str(batch), f"{before:.2f} ({before_cpu:.2f})",
+                         f"{after:.2f} ({after_cpu:.2f})", f"{ratio:.2f} ({ratio_cpu:.2f})",
+                         f"{after / batch:.2f} ({after_cpu / batch:.2f})"])
     append_rows("CPU batch path of the TemporalUNet",
                 "`benchmarks/cpu_batch_path.py`: median replan latency through `policy.act` (every env's "
                 "plan forgotten first, as `diffplan bench`'s plan p50) with oneDNN convs at every batch "
                 f"size (before) and with the native conv path at batch sizes {sorted(shipped)} (after), "
-                "before/after interleaved call by call in one run (issue #22). Batch sizes outside the "
-                "set run the same code both ways: their ratio shows the noise of the machine.",
+                "before/after interleaved call by call in one run (issue #22); wall ms with the process CPU "
+                "ms in brackets (one thread: the compute alone, insensitive to other jobs on the shared "
+                "machine). Batch sizes outside the set run the same code both ways: their ratio shows "
+                "the noise of the measurement.",
                 ["date", "machine", "commit", "planner", "batch", "before ms", "after ms", "after/before",
                  "after ms/env"], rows)
     return 0
