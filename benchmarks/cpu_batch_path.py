@@ -1,5 +1,6 @@
 """The CPU batch path of the TemporalUNet: oneDNN convs (before) against the native conv path at
-the batch sizes of ``diffplan.nn.unet.NATIVE_CONV_BATCHES`` (after), in one run.
+the batch sizes of ``diffplan.nn.unet.NATIVE_CONV_BATCHES`` for nets with ``dim * H <=
+NATIVE_CONV_MAX_SIZE`` (after), in one run.
 
     OMP_NUM_THREADS=1 python benchmarks/cpu_batch_path.py [--batches 1,2,3,4,8,64] [--repeats 60]
 
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
     append_rows("CPU batch path of the TemporalUNet",
                 "`benchmarks/cpu_batch_path.py`: median replan latency through `policy.act` (every env's "
                 "plan forgotten first, as `diffplan bench`'s plan p50) with oneDNN convs at every batch "
-                f"size (before) and with the native conv path at batch sizes {sorted(shipped)} (after), "
+                f"size (before) and with the native conv path at batch sizes {sorted(shipped)} for U-Nets with "
+                f"dim * H <= {unet.NATIVE_CONV_MAX_SIZE} (after; the medium Diffuser's 32 x 48, not the "
+                "umaze Diffuser's 32 x 128), "
                 "before/after interleaved call by call in one run (issue #22); wall ms with the process CPU "
                 "ms in brackets (one thread: the compute alone, insensitive to other jobs on the shared "
                 "machine). Batch sizes outside the set run the same code both ways: their ratio shows "

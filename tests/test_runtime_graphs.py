@@ -184,7 +184,7 @@ def test_native_conv_batches_match_the_onednn_path(batch, monkeypatch):
     torch.manual_seed(0)
     net = TemporalUNet(6, dim=8, dim_mults=(1, 2, 4)).eval()
     x, t = torch.randn(batch, 16, 6), torch.rand(batch)
-    assert batch in unet.NATIVE_CONV_BATCHES
+    assert batch in unet.NATIVE_CONV_BATCHES and 8 * 16 <= unet.NATIVE_CONV_MAX_SIZE
     with torch.no_grad():
         native = net(x, t)
         assert torch.backends.mkldnn.is_available() == torch._C._get_mkldnn_enabled()  # restored
@@ -201,3 +201,14 @@ def test_native_conv_path_restores_the_backend_flag_on_error():
     with pytest.raises(ValueError, match="not a multiple"):
         net(torch.randn(2, 15, 6), torch.rand(2))
     assert torch._C._get_mkldnn_enabled() == before
+
+
+@pytest.mark.parametrize("batch, horizon, native", [(2, 16, True), (3, 16, True), (1, 16, False), (4, 16, False),
+                                                    (2, 512, False)])
+def test_native_conv_path_is_chosen_by_batch_and_size(batch, horizon, native):
+    net = TemporalUNet(6, dim=8, dim_mults=(1, 2, 4)).eval()  # dim * H = 128, or 4096 at H=512
+    seen = []
+    net.final_conv.register_forward_pre_hook(lambda m, a: seen.append(torch._C._get_mkldnn_enabled()))
+    with torch.no_grad():
+        net(torch.randn(batch, horizon, 6), torch.rand(batch))
+    assert seen == [not native]

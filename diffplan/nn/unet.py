@@ -26,13 +26,15 @@ changes the function class:
   (``Mish(e) @ W_all``), split into per-block views once per forward; GroupNorm calls the
   ATen op directly; with ``cond=None`` no condition work is done.
 
-* On CPU, batches of 2 and 3 run their convolutions on PyTorch's native (im2col + GEMM) path,
-  the one oneDNN's dispatch already picks at batch 1: above batch 1 PyTorch hands the convs to
-  oneDNN, which on the 2-core EPYC, one thread, took 4.9-5.4 ms at batch 2 for a 4-level U-Net
-  (dims 32..256, H 16-32) against 1.9 ms at batch 1, and the native path 2.6-3.2 ms (0.53-0.67x);
-  for the 3-level umaze U-Net both paths cost the same at 2-3 (0.96-0.99x). From batch 4 oneDNN
-  wins (the native path is up to 1.6x slower at 4, 8-10x at 16-64), hence ``NATIVE_CONV_BATCHES``.
-  Results agree with the oneDNN path to float rounding (about 2e-6).
+* On CPU, batches of 2 and 3 of a U-Net with ``dim * H <= 2048`` run their convolutions on
+  PyTorch's native (im2col + GEMM) path, the one it already takes at batch 1: above batch 1
+  PyTorch hands the convs to oneDNN, which is slow for the narrow activations of such nets.
+  Measured on the 2-core EPYC, one thread (process CPU time, U-Net forward): a 4-level U-Net
+  at H=32 takes 1.9-2.6 ms at batch 1 and 4.8-6.2 ms at batch 2; the native path costs 0.65-0.76x
+  of oneDNN's at batch 2 and 0.75-0.87x at batch 3 for nets with ``dim * H`` = 1024-1536, but
+  1.01x / 1.14x for the umaze U-Net (``dim * H`` = 4096), and from batch 4 on it loses (1.6x at 4,
+  8-10x at 16-64). ``dim * H`` is the per-sample size of every level's activation (channels
+  double as the width halves). Results agree with the oneDNN path to float rounding (~2e-6).
 
 The horizon must be divisible by ``2 ** (len(dim_mults) - 1)``: the network raises a
 ``ValueError`` naming the valid multiple rather than padding silently (padding would make
@@ -51,8 +53,10 @@ from torch import nn
 from .embeddings import TimeCondEmbedding
 
 
-# CPU batch sizes whose convolutions skip oneDNN (see the module docstring; benchmarks/cpu_batch_path.py).
+# CPU batch sizes, and the largest dim * H, whose convolutions skip oneDNN (module docstring;
+# benchmarks/cpu_batch_path.py).
 NATIVE_CONV_BATCHES = frozenset({2, 3})
+NATIVE_CONV_MAX_SIZE = 2048
 
 
 @dataclass
@@ -213,8 +217,8 @@ class TemporalUNet(nn.Module):
                     offset += n
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        if (x.device.type == "cpu" and x.shape[0] in NATIVE_CONV_BATCHES and torch._C._get_mkldnn_enabled()
-                and not torch.compiler.is_compiling()):
+        if (x.shape[0] in NATIVE_CONV_BATCHES and self.config.dim * x.shape[1] <= NATIVE_CONV_MAX_SIZE
+                and x.device.type == "cpu" and torch._C._get_mkldnn_enabled() and not torch.compiler.is_compiling()):
             torch._C._set_mkldnn_enabled(False)  # the conv backend per batch size (module docstring)
             try:
                 return self._forward(x, t, cond)
