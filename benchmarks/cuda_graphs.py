@@ -116,7 +116,7 @@ def training_rows(args, device: str) -> list[list[str]]:
     for batch in (32, 256, 1024):
         x0 = torch.randn(batch, 32, 14, device="cuda")
 
-        def step():
+        def step(x0=x0):
             loss = diffusion_loss(net, x0, sched, "x0")
             opt.zero_grad(set_to_none=True)
             loss.backward()

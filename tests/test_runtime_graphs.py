@@ -85,7 +85,7 @@ def test_cold_and_warm_plans_get_their_own_graphs():
     for _ in range(4):  # cold, warm, warm, warm
         torch.testing.assert_close(planner.act(obs), eager.act(obs))
     assert backend.captures == 2 and backend.replays == 4
-    (cold, _, noise, no_warm, *_), (_, _, _, warm_shape, t_warm, *_) = planner.graphs.graphs
+    (_, _, _, no_warm, *_), (_, _, _, warm_shape, t_warm, *_) = planner.graphs.graphs
     assert no_warm is None and warm_shape == (2, 8, 2) and t_warm == 0.5
 
 
@@ -212,3 +212,12 @@ def test_native_conv_path_is_chosen_by_batch_and_size(batch, horizon, native):
     with torch.no_grad():
         net(torch.randn(batch, horizon, 6), torch.rand(batch))
     assert seen == [not native]
+
+
+def test_static_buffers_take_inputs_inside_and_outside_inference_mode():
+    planner = graph_planner(NoisyPolicy())
+    with torch.inference_mode():
+        planner.act(torch.zeros(1, 2))
+    planner.reset()
+    planner.act(torch.ones(1, 2))  # copies into the buffers made under inference mode
+    assert planner.graphs.backend.replays == 2

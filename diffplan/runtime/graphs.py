@@ -61,7 +61,7 @@ class CudaGraphBackend:
         try:
             with torch.cuda.graph(graph):
                 out = fn()
-        except Exception as e:  # noqa: BLE001 - any failure of the capture itself means "run eagerly"
+        except Exception as e:  # any failure of the capture itself means "run eagerly"
             raise CaptureFailed(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__) from e
         return graph.replay, out
 
@@ -82,6 +82,8 @@ class EagerBackend:
     def capture(self, fn):
         self.captures += 1
         out = fn()
+        with torch.inference_mode(False), torch.no_grad():  # writable by replays, in inference mode or not
+            out = out.clone()
 
         def replay():
             self.replays += 1
@@ -94,7 +96,8 @@ class _Graph:
     """One captured plan: static inputs (None where the call has no such input), replay, output."""
 
     def __init__(self, inputs: dict[str, torch.Tensor | None]):
-        self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
+        with torch.inference_mode(False):  # plain tensors: writable inside and outside inference mode
+            self.inputs = {k: None if v is None else v.clone() for k, v in inputs.items()}
         self.replay: Callable[[], None] | None = None
         self.out: torch.Tensor | None = None
 
@@ -136,14 +139,11 @@ class PlanGraphs:
         kwargs = {} if warm is None else {"warm": warm, "t_start": t_start}
         key = self.key(obs, goal, noise, warm, t_start, steps)
         graph = self.graphs.get(key)
-        if graph is None:
-            if backend is None or self.disabled or not self._may_capture(policy, obs.shape[0]):
-                self.eager_calls += 1
-                return policy.plan(obs, goal, noise, steps=steps, generator=generator, **kwargs)
+        if graph is None and backend is not None and not self.disabled and self._may_capture(policy, obs.shape[0]):
             graph = self._capture(backend, policy, key, obs, goal, noise, warm, t_start, steps)
-            if graph is None:
-                self.eager_calls += 1
-                return policy.plan(obs, goal, noise, steps=steps, generator=generator, **kwargs)
+        if graph is None:
+            self.eager_calls += 1
+            return policy.plan(obs, goal, noise, steps=steps, generator=generator, **kwargs)
         graph.load({"obs": obs, "goal": goal, "noise": noise, "warm": warm})
         graph.replay()
         return graph.out
