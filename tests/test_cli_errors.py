@@ -67,6 +67,7 @@ def _fails(capsys, argv, message):
     (["bench", "CKPT", "--calls", "0"], "argument --calls: must be >= 1, got 0"),
     (["bench", "CKPT", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["bench", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
+    (["bench", "CKPT", "--cuda-graph"], "--cuda-graph needs --device cuda (on cpu every plan runs eagerly)"),
     (["tune-steps", "CKPT", "--steps", "0,2"], "argument --steps: must be >= 1, got 0"),
     (["tune-steps", "CKPT", "--episodes", "1"], "argument --episodes: must be >= 2, got 1"),
     (["tune-steps", "no/such/checkpoint"], "checkpoint folder does not exist"),
