@@ -265,6 +265,8 @@ def add_policy_commands(groups) -> None:
                    help="comma-separated solver step counts (default: the policy's)")
     p.add_argument("--warm-start", action="store_true", help="warm-start replans from the last plan")
     p.add_argument("--calls", type=_at_least(1), default=200, help="act() calls timed per row")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time plans replayed from CUDA graphs: an eager and a captured row each (CUDA only)")
     p.add_argument("--json", action="store_true", help="print the rows as JSON")
     p.set_defaults(func=cmd_bench)
 
@@ -372,9 +374,13 @@ def cmd_bench(args) -> int:
     from diffplan.policies import load_policy
     from diffplan.runtime.bench import bench_policy, format_table
 
+    if args.cuda_graph and not str(args.device).startswith("cuda"):
+        raise ConfigError(f"--cuda-graph needs --device cuda (on {args.device} every plan runs eagerly)")
     policy = load_policy(args.checkpoint, device=args.device)
-    rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None)
-            for b in args.batch for s in args.steps]
+    graphs = [False, True] if args.cuda_graph else [None]
+    rows = [bench_policy(policy, batch=b, calls=args.calls, steps=s, warm_start=args.warm_start or None,
+                         cuda_graph=g)
+            for b in args.batch for s in args.steps for g in graphs]
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

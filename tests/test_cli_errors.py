@@ -68,6 +68,7 @@ def _fails(capsys, argv, message):
     (["bench", "CKPT", "--steps", "0"], "argument --steps: must be >= 1, got 0"),
     (["bench", "CKPT", "--device", "gpu"], "unknown device 'gpu'"),
     (["tune-steps", "CKPT", "--steps=-1,2"], "argument --steps: must be >= 0, got -1"),
+    (["bench", "CKPT", "--cuda-graph"], "--cuda-graph needs --device cuda (on cpu every plan runs eagerly)"),
     (["tune-steps", "CKPT", "--episodes", "1"], "argument --episodes: must be >= 2, got 1"),
     (["tune-steps", "no/such/checkpoint"], "checkpoint folder does not exist"),
     (["demo", "--episodes", "0"], "argument --episodes: must be >= 1, got 0"),

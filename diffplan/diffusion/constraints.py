@@ -14,6 +14,7 @@ step applies them with a single ``torch.where``.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -23,9 +24,17 @@ def _indices(index, n: int, device) -> torch.Tensor:
     """Time or feature indices as a long tensor in ``[0, n)``; negative values count from the end."""
     if isinstance(index, slice):
         return torch.arange(n, device=device)[index]
-    if isinstance(index, int):
-        index = [index]
-    return torch.as_tensor(index, device=device).long().reshape(-1) % n
+    if isinstance(index, torch.Tensor):
+        return index.to(device).long().reshape(-1) % n
+    return _host_indices(tuple(int(i) % n for i in ([index] if isinstance(index, int) else index)),
+                         torch.device(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _host_indices(index: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Indices given on the host, copied to ``device`` once and kept: a plan captured in a CUDA
+    graph reads them, so they must neither be copied inside the capture nor ever be freed."""
+    return torch.tensor(index, dtype=torch.long, device=device)
 
 
 class Constraints:

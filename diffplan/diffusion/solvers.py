@@ -77,10 +77,11 @@ def _floats(*coefs: torch.Tensor):
 
 
 def _batch_times(ts: Grid, x: torch.Tensor):
-    """``ts[i]`` as ``(B,)`` tensors for the denoiser (one small copy per call); at least float32,
-    so that half-precision samples still pass exact noise levels (discrete indices survive)."""
+    """``ts[i]`` as ``(B,)`` tensors for the denoiser, filled on the device (no host copy, so a CUDA
+    graph can capture them); at least float32, so that half-precision samples still pass exact
+    noise levels (discrete indices survive)."""
     dtype = torch.promote_types(x.dtype, torch.float32)
-    return torch.tensor(ts, dtype=dtype, device=x.device)[:, None].expand(-1, x.shape[0]).unbind(0)
+    return [torch.full((x.shape[0],), t, dtype=dtype, device=x.device) for t in ts]
 
 
 def _first_order(denoise: Denoiser, x: torch.Tensor, ts: Grid, k_x, k_d, k_z=None, generator: Generators = None,

@@ -358,7 +358,7 @@ class AnchoredDiffusionPolicy(PolicyBase):
             return None
         if rtg is None:
             target = self.config.target_return
-            value = self.default_return if target is None else torch.tensor(target / float(self.return_scale))
+            value = self.default_return if target is None else torch.full((), target / self._host_float("return_scale"), device=obs.device)
             return value.to(obs.device, obs.dtype).expand(obs.shape[0], 1)
         return (rtg.reshape(-1, 1) / self.return_scale).to(obs.dtype)
 
@@ -398,6 +398,22 @@ class AnchoredDiffusionPolicy(PolicyBase):
         return total, logs
 
     # ------------------------------------------------------------------ acting
+    def _host_float(self, name: str) -> float:
+        """A scalar buffer as a Python float, read once per value (the buffer's version and
+        address key it), so that a plan neither syncs with a CUDA device nor breaks a capture."""
+        buf = getattr(self, name)
+        key = (buf._version, buf.data_ptr(), str(buf.device))
+        cache = self.__dict__.setdefault("_host_floats", {})  # kept out of nn.Module's registries
+        if name not in cache or cache[name][0] != key:
+            cache[name] = (key, float(buf))
+        return cache[name][1]
+
+    def capture_problem(self) -> str | None:
+        """Why a plan cannot be captured in a CUDA graph (see ``diffplan.runtime.graphs``), or None."""
+        if self.config.temperature > 0:
+            return "query sampling (temperature > 0) draws from the per-env CPU generators inside the plan"
+        return None
+
     def _grid(self, t_start: float, steps: int) -> list[tuple[float, float, float]]:
         """(t, alpha_t, sigma_t) for the DDIM grid from t_start down to 0, as Python floats."""
         key = (t_start, steps)
@@ -417,14 +433,18 @@ class AnchoredDiffusionPolicy(PolicyBase):
                   *(st.film.bias for st in self.net.stages)]
         key = (tuple(g[0] for g in grid), str(device), tuple(p._version for p in params),
                tuple(p.data_ptr() for p in params))
+        # Inside a CUDA-graph capture they are computed in the graph (a cached tensor could be
+        # replaced, and freed, while the graph still reads it).
+        capturing = torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
         cached = self.__dict__.get("_film_cache")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and not capturing:
             return cached[1]
         with torch.inference_mode():
-            ts = torch.tensor([g[0] for g in grid[:-1]], device=device)
+            ts = torch.stack([torch.full((), g[0], device=device) for g in grid[:-1]])  # no host copy
             tembs = self.net.time_embedding(ts)  # (steps, W)
             films = [[st.film_of(tembs[i:i + 1]) for st in self.net.stages] for i in range(len(ts))]
-        self.__dict__["_film_cache"] = (key, films)  # kept out of nn.Module's registries
+        if not capturing:
+            self.__dict__["_film_cache"] = (key, films)  # kept out of nn.Module's registries
         return films
 
     def denoise_anchors(self, obs, goal, noise, steps: int | None = None, t_start: float | None = None):
@@ -432,7 +452,7 @@ class AnchoredDiffusionPolicy(PolicyBase):
         normalized x0 chunks (B, K, H, D) and logits (B, K) of the last stage at the last step."""
         c = self.config
         steps = c.steps if steps is None else steps
-        t0 = float(self.t_trunc if c.t_start is None else c.t_start) if t_start is None else t_start
+        t0 = (self._host_float("t_trunc") if c.t_start is None else float(c.t_start)) if t_start is None else t_start
         grid = self._grid(t0, steps)
         kvs = self.context(obs, goal)
         if noise.dim() == 3:  # one noise chunk per env, shared by its K queries (which never interact)

@@ -199,6 +199,12 @@ class DiffuserPlanner(PolicyBase):
         from the env's own noise generator."""
         return self.config.n_samples if self.value is not None and self.config.temperature > 0 else 1
 
+    def capture_problem(self) -> str | None:
+        """Why a plan cannot be captured in a CUDA graph (see ``diffplan.runtime.graphs``), or None."""
+        if self.config.solver == "ddpm":
+            return "solver 'ddpm' draws step noise from the per-env CPU generators inside the plan"
+        return None
+
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, generator=None):
         """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
         ``noise_samples = n`` candidates -> normalized plans (B, H, D). ``generator``: one per env

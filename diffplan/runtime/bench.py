@@ -29,6 +29,7 @@ class BenchResult:
     net_evals_per_plan: float
     net_evals_per_decision: float  # with the policy's action queue
     sampler_overhead: float  # replan time / time inside the network forward passes
+    cuda_graph: bool = False  # plans replayed from CUDA graphs (PlannerConfig.cuda_graph)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +40,10 @@ def _net_timer(policy):
     """Count calls and time spent inside the policy's networks (``policy.net`` if present)."""
     nets = [m for m in (getattr(policy, "net", None),) if m is not None]
     state = {"calls": 0, "time": 0.0, "t0": 0.0}
-    sync = (lambda: torch.cuda.synchronize()) if policy.device.type == "cuda" else (lambda: None)
+
+    def sync():  # never inside a CUDA-graph capture, where a sync is an error
+        if policy.device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+            torch.cuda.synchronize()
 
     def pre(_m, _a):
         sync()
@@ -75,13 +79,19 @@ def example_observations(policy, batch: int, seed: int = 0):
 
 
 def bench_policy(policy, batch: int = 1, calls: int = 200, steps: int | None = None,
-                 warm_start: bool | None = None, seed: int = 0) -> BenchResult:
-    """Time ``policy.act`` over ``calls`` decisions at ``batch`` envs (observations held fixed)."""
+                 warm_start: bool | None = None, seed: int = 0, cuda_graph: bool | None = None) -> BenchResult:
+    """Time ``policy.act`` over ``calls`` decisions at ``batch`` envs (observations held fixed).
+
+    ``steps``, ``warm_start``, ``cuda_graph``: override the runtime config for this run (None: as
+    configured). With CUDA graphs the network hooks do not fire inside a replay, so a captured
+    row's network columns count only eager plans; its latencies are what counts."""
     if batch < 1 or calls < 1:
         raise ValueError(f"bench_policy needs batch >= 1 and calls >= 1, got batch={batch}, calls={calls}")
     planner = policy.planner
     cfg = planner.config
-    saved = (cfg.steps, cfg.warm_start)
+    saved = (cfg.steps, cfg.warm_start, cfg.cuda_graph)
+    if cuda_graph is not None:
+        cfg.cuda_graph = cuda_graph
     if steps is not None:
         cfg.steps = steps
     if warm_start is not None:
@@ -110,7 +120,7 @@ def bench_policy(policy, batch: int = 1, calls: int = 200, steps: int | None = N
             net_time += nets["time"]
             plan_calls += nets["calls"]
     finally:
-        cfg.steps, cfg.warm_start = saved
+        cfg.steps, cfg.warm_start, cfg.cuda_graph = saved
     a, p = np.asarray(acts), np.asarray(plans)
     return BenchResult(
         batch=batch, device=str(policy.device), steps=steps if steps is not None else cfg.steps,
@@ -120,13 +130,14 @@ def bench_policy(policy, batch: int = 1, calls: int = 200, steps: int | None = N
         plan_p50_ms=float(np.percentile(p, 50)), plan_p99_ms=float(np.percentile(p, 99)),
         plan_p10_ms=float(np.percentile(p, 10)),
         net_evals_per_plan=plan_calls / n_plans, net_evals_per_decision=act_calls / calls,
-        sampler_overhead=float(p.sum() / 1e3 / net_time) if net_time > 0 else float("nan"))
+        sampler_overhead=float(p.sum() / 1e3 / net_time) if net_time > 0 else float("nan"),
+        cuda_graph=bool(cfg.cuda_graph if cuda_graph is None else cuda_graph))
 
 
 def format_table(results: list[BenchResult]) -> str:
-    head = ["batch", "device", "steps", "warm", "act p50 ms", "act p99 ms", "decisions/s",
+    head = ["batch", "device", "steps", "warm", "graph", "act p50 ms", "act p99 ms", "decisions/s",
             "plan p50 ms", "net evals/plan", "net evals/decision", "overhead"]
-    rows = [[str(r.batch), r.device, str(r.steps), "yes" if r.warm_start else "no",
+    rows = [[str(r.batch), r.device, str(r.steps), "yes" if r.warm_start else "no", "yes" if r.cuda_graph else "no",
              f"{r.act_p50_ms:.3f}", f"{r.act_p99_ms:.3f}", f"{r.decisions_per_s:.0f}",
              f"{r.plan_p50_ms:.3f}", f"{r.net_evals_per_plan:.1f}", f"{r.net_evals_per_decision:.2f}",
              f"{r.sampler_overhead:.2f}"] for r in results]

@@ -10,7 +10,9 @@ It knows no policy. It drives any object that can make a plan from an observatio
 * a latency budget: the number of solver steps that fits ``budget_ms``, from per-step costs
   measured once per batch size (anytime planning);
 * batching: one call serves a whole vector env; every env keeps its own plan, queue position
-  and noise generator, and ``reset(mask)`` restarts only the envs that ended.
+  and noise generator, and ``reset(mask)`` restarts only the envs that ended;
+* CUDA graphs (``cuda_graph``): every plan is replayed from a capture per (batch size, step
+  count, cold or warm), see :mod:`diffplan.runtime.graphs`; eager on CPU.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 
 from diffplan.diffusion.solvers import Generators, randn
+from diffplan.runtime.graphs import PlanGraphs
 
 
 class Plannable(Protocol):
@@ -62,6 +65,8 @@ class PlannerConfig:
     seed: int | None = None  # per-env noise generators are seeded from (seed, env index)
     compile: bool = False  # torch.compile the policy's denoiser for planning (fixed shapes)
     dtype: str | None = None  # inference autocast dtype: "bfloat16" or "float16" (None: float32)
+    cuda_graph: bool = False  # replay plans from CUDA graphs (CUDA only; eager elsewhere)
+    cuda_graph_batches: list[int] | None = None  # batch sizes to capture (None: any, up to 16 graphs)
 
     def __post_init__(self):
         if self.n_action_steps < 1:
@@ -91,6 +96,7 @@ class Planner:
         self.last_latency_ms = 0.0
         self.last_steps = 0  # solver steps of the last replan (0 when the call did not replan)
         self.num_plans = 0  # replans made since construction (each counts once per call)
+        self.graphs = PlanGraphs(batches=self.config.cuda_graph_batches)  # used with config.cuda_graph
 
     # ---------------------------------------------------------------- episode bookkeeping
     def reset(self, mask: Sequence[bool] | np.ndarray | None = None,
@@ -183,13 +189,19 @@ class Planner:
             stride = getattr(self.policy, "plan_stride", 1)  # env steps per plan state
             k = torch.as_tensor(self._index[rows] // stride, device=obs.device)
             kwargs = dict(warm=shift_plans(prev, k), t_start=cfg.t_warm)
-        plans = self.policy.plan(obs[sel], None if goal is None else goal[sel], noise, steps=steps,
-                                 generator=[self._generators[i] for i in rows], **kwargs)
+        plans = self._plan(obs[sel], None if goal is None else goal[sel], noise, steps=steps,
+                           generator=[self._generators[i] for i in rows], **kwargs)
         self._plans[sel] = plans
         self._index[rows] = 0
         self._valid[rows] = True
         self.last_steps = max(self.last_steps, steps)
         self.num_plans += 1
+
+    def _plan(self, obs, goal, noise, **kwargs) -> torch.Tensor:
+        """``policy.plan``, or its CUDA-graph replay with ``config.cuda_graph``."""
+        if self.config.cuda_graph:
+            return self.graphs.plan(self.policy, obs, goal, noise, **kwargs)
+        return self.policy.plan(obs, goal, noise, **kwargs)
 
     def _noise_shape(self) -> tuple[int, ...]:
         """One env's noise: (H, D), or (n, H, D) for a policy planning n candidates per env."""
@@ -234,7 +246,7 @@ class Planner:
             out = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                self.policy.plan(o, g, noise, steps=steps, **kwargs)
+                self._plan(o, g, noise, steps=steps, **kwargs)
                 if obs.device.type == "cuda":
                     torch.cuda.synchronize(obs.device)
                 out.append((time.perf_counter() - t0) * 1e3)

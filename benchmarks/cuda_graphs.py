@@ -1,0 +1,168 @@
+"""Issue #22 on a GPU: eager against CUDA-graph-captured plans, and training steps/s.
+
+    python benchmarks/cuda_graphs.py [--replans 200] [--envs 4096]
+
+Needs a CUDA device; on a machine without one it prints one line and exits 2 (nothing measured).
+About 10 minutes on an H200 (most of it loading, capturing and the training part). Records:
+
+1. Replan latency at batch 1, eager and captured (``PlannerConfig.cuda_graph``), median over
+   ``--replans`` replans through ``policy.act`` (every plan forgotten first): the umaze Diffuser at
+   DDIM-10 (target <= 1.5 ms captured), the hopper value-guided Diffuser (its shipped 20 DDIM steps,
+   8 candidates; target <= 5 ms) and the umaze and hopper anchored policies (target >= 5,000
+   replans/s).
+2. Anchored env decisions/s at ``--envs`` envs with its action queue (envs / mean ``act``
+   latency), eager and captured (target >= 1,000,000).
+3. TemporalUNet training steps/s and samples/s, eager (x0 loss, fused AdamW, EMA every step; the
+   (1, 2, 2, 2) U-Net at H=32 x 14 features of the recorded 57 steps/s at batch 32), at batch
+   32, 256 and 1024: the baseline a captured or compiled training step must beat 5x.
+
+Observations are synthetic (small normal draws, goals for goal tasks): the GPU images lack MuJoCo,
+and a plan's cost does not depend on the values.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results import append_rows, stamp  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PLANNERS = [  # (checkpoint, solver steps or None for the shipped count, label)
+    ("pointmaze-umaze/diffuser", 10, "umaze Diffuser DDIM-10"),
+    ("hopper-medium/diffuser", None, "hopper value-guided Diffuser"),
+    ("pointmaze-umaze/anchored", None, "umaze anchored"),
+    ("hopper-medium/anchored", None, "hopper anchored"),
+]
+
+
+def observations(policy, batch: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    spec = policy.spec
+    obs = (0.1 * rng.normal(size=(batch, spec.obs_dim))).astype(np.float32)
+    if not spec.goal_dim:
+        return obs
+    goal = rng.normal(size=(batch, spec.goal_dim)).astype(np.float32)
+    return {"observation": obs, "achieved_goal": obs[:, : spec.goal_dim], "desired_goal": goal}
+
+
+def replan_ms(policy, obs, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        policy.reset()
+        t0 = time.perf_counter()
+        policy.act(obs)  # the planner syncs the device before returning
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def act_ms(policy, obs, n: int) -> list[float]:
+    policy.reset(seed=0)
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        policy.act(obs)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
+def planning_rows(args, device: str) -> list[list[str]]:
+    from diffplan.policies import load_policy
+
+    rows = []
+    for name, steps, label in PLANNERS:
+        policy = load_policy(ROOT / "checkpoints" / name, device="cuda")
+        cfg = policy.planner.config
+        cfg.steps = steps
+        cases = [("replan, batch 1", 1, replan_ms, args.replans)]
+        if "anchored" in name:
+            cases.append((f"act, {args.envs} envs", args.envs, act_ms, args.replans))
+        for what, batch, fn, n in cases:
+            obs = observations(policy, batch)
+            res = {}
+            for graph in (False, True):
+                cfg.cuda_graph = graph
+                policy.planner.graphs.clear()
+                fn(policy, obs, 5)  # warm-up (and capture)
+                stat = np.mean if fn is act_ms else np.median  # decisions/s: batch / mean act latency
+                res[graph] = float(stat(fn(policy, obs, n)))
+            cfg.cuda_graph = False
+            eager, captured = res[False], res[True]
+            rate = "decisions/s" if batch > 1 else "replans/s"
+            print(f"{label:32s} {what:22s} eager {eager:8.3f} ms  captured {captured:8.3f} ms  "
+                  f"speed-up {eager / captured:5.2f}x  {batch * 1e3 / captured:,.0f} {rate} captured "
+                  f"(graphs: {len(policy.planner.graphs.graphs)}, eager fallbacks: "
+                  f"{policy.planner.graphs.eager_calls})", flush=True)
+            rows.append([*stamp(), device, label, what, f"{eager:.3f}", f"{captured:.3f}",
+                         f"{eager / captured:.2f}x", f"{batch * 1e3 / captured:,.0f} {rate}"])
+    return rows
+
+
+def training_rows(args, device: str) -> list[list[str]]:
+    from diffplan.diffusion import Schedule, diffusion_loss
+    from diffplan.nn import EMA, TemporalUNet
+
+    torch.manual_seed(0)
+    net = TemporalUNet(14, 32, (1, 2, 2, 2)).cuda()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, fused=True)
+    ema = EMA(net, decay=0.995)
+    sched = Schedule.vp_cosine()
+    rows = []
+    for batch in (32, 256, 1024):
+        x0 = torch.randn(batch, 32, 14, device="cuda")
+
+        def step(x0=x0):
+            loss = diffusion_loss(net, x0, sched, "x0")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            ema.update()
+
+        for _ in range(10):
+            step()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(args.train_steps):
+            step()
+        torch.cuda.synchronize()
+        per_s = args.train_steps / (time.perf_counter() - t0)
+        print(f"training, eager, batch {batch:5d}: {per_s:8.1f} steps/s  {per_s * batch:12,.0f} samples/s", flush=True)
+        rows.append([*stamp(), device, "TemporalUNet (32, 1-2-2-2), H=32, D=14", f"eager, batch {batch}",
+                     f"{per_s:.1f}", f"{per_s * batch:,.0f}"])
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--replans", type=int, default=200)
+    p.add_argument("--envs", type=int, default=4096)
+    p.add_argument("--train-steps", type=int, default=200)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks/cuda_graphs.py needs a CUDA GPU (torch.cuda.is_available() is False): nothing measured",
+              file=sys.stderr)
+        return 2
+    device = torch.cuda.get_device_name()
+    plan = planning_rows(args, device)
+    append_rows("cuda_graphs: eager against captured plans",
+                "`python benchmarks/cuda_graphs.py` (issue #22): median latency through `policy.act`, "
+                "eager and with `runtime.cuda_graph: true`; synthetic observations. Targets on an H200: "
+                "umaze DDIM-10 <= 1.5 ms, hopper value-guided <= 5 ms, anchored >= 5,000 replans/s and "
+                ">= 1,000,000 decisions/s at 4,096 envs.",
+                ["date", "machine", "commit", "device", "policy", "measure", "eager ms", "captured ms",
+                 "speed-up", "captured rate"], plan)
+    train = training_rows(args, device)
+    append_rows("cuda_graphs: training steps/s",
+                "`python benchmarks/cuda_graphs.py`: eager training steps (x0 loss, fused AdamW, EMA every "
+                "step); the recorded H200 baseline is 57 steps/s at batch 32, the target 5x that.",
+                ["date", "machine", "commit", "device", "network", "step", "steps/s", "samples/s"], train)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
