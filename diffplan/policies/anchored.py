@@ -482,7 +482,8 @@ class AnchoredDiffusionPolicy(PolicyBase):
         query (see :meth:`denoise_anchors`). The runtime's ``t_start`` is ignored: the start level is
         :meth:`start_level`, inside the trained range. With ``temperature > 0`` the query is
         sampled with ``generator`` (one per env, or one)."""
-        prior = None if warm is None else self.action_normalizer.normalize(warm)
+        # inside the action bounds, as executed: a chunk fed back unclipped can grow without end
+        prior = None if warm is None else self.action_normalizer.normalize(self.action_to_env(warm))
         x0, logits = self.denoise_anchors(obs, goal, noise, steps=steps, prior=prior)
         if self.config.temperature > 0:
             cdf = torch.softmax(logits.float() / self.config.temperature, -1).cumsum(-1)
