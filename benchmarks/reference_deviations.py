@@ -63,7 +63,7 @@ def settings(args) -> list[tuple[str, str, str, dict]]:
                  {"guide_variance": True, "guide_scale": s}) for s in args.scales]
     for task in args.anchored or ():
         out.append((task, "bc", "BC", {}))
-        out.append((task, "anchored", "shipped (t_start 1: t_trunc)", {}))
+        out.append((task, "anchored", "shipped config", {}))
         out += [(task, "anchored", f"t_start {f:g}", {"t_start": f}) for f in args.t_starts]
         out += [(task, "anchored", f"warm start, t_start {f:g}, t_warm {w:g}",
                  {"t_start": f, "t_warm": w, "runtime.warm_start": True})
