@@ -117,7 +117,7 @@ def test_warm_start_starts_inside_the_trained_range_from_the_previous_chunk():
     noise = torch.randn(2, 4, 2)
     prev = torch.randn(2, 2, 4, 2, generator=torch.Generator().manual_seed(3))  # two previous chunks per env
     with torch.inference_mode():
-        (a, la), (b, lb) = (p.denoise_anchors(obs, goal, noise, prior=x) for x in prev)
+        (a, la), (b, _) = (p.denoise_anchors(obs, goal, noise, prior=x) for x in prev)
     k = p.config.num_anchors
     assert a.shape[1] == k + 1 and la.shape == (2, k + 1)  # the previous chunk is one more query
     torch.testing.assert_close(a[:, :k], b[:, :k])  # the anchors' queries do not see it
