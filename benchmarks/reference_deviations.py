@@ -87,6 +87,7 @@ def main() -> int:
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=1000, help="first tuning seed (default 1000)")
     p.add_argument("--record-json", type=Path, help="record the rows of an earlier run instead of measuring")
+    p.add_argument("--note", help="a paragraph recorded under the rows")
     p.add_argument("--no-record", action="store_true")
     args = p.parse_args()
     if args.record_json:
@@ -106,7 +107,7 @@ def main() -> int:
                     "Issue 18: inference settings where diffplan deviates from the reference code, A/B on "
                     "tuning seeds (1000+) with BC in the same run (`benchmarks/reference_deviations.py`). "
                     "Score: D4RL-normalized, mean ± standard error.",
-                    HEADER, [stamp() + table_row(r) for r in rows])
+                    HEADER, [stamp() + table_row(r) for r in rows], note=args.note)
     return 0
 
 

@@ -13,7 +13,8 @@ How it acts
       * ``pd``: Diffuser's maze tracking controller ``a = (wp_xy - xy) + (wp_vel - vel)`` toward the
         next waypoint (REFERENCES: tracking is what made Diffuser's maze scores);
       * ``plan``: the diffused action at the current step (locomotion, ``[obs, action]`` plans);
-    with value guidance (``n_samples`` plans, gradient steps on V, best plan kept) for reward tasks.
+    with value guidance (gradient steps on V; at ``temperature > 0``, ``n_samples`` plans and the
+    best by V kept) for reward tasks.
 """
 from __future__ import annotations
 
