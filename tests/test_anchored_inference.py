@@ -3,6 +3,7 @@ only where read) gives what the plain cascade evaluation gives, and follows weig
 import itertools
 
 import numpy as np
+import pytest
 import torch
 
 from diffplan.policies.anchored import AnchoredConfig, AnchoredDiffusionPolicy
@@ -76,3 +77,49 @@ def test_inference_skips_unread_classification_heads():
     p.reset(seed=0)
     p.act(obs)
     assert heads == [0, 1]  # only the last stage, only at the last of the 2 steps
+
+
+def _recording_starts(p):
+    """Wrap ``p._grid`` to record the noise level every plan starts at."""
+    starts, grid = [], p._grid
+    p._grid = lambda t_start, steps: starts.append(t_start) or grid(t_start, steps)
+    return starts
+
+
+def test_inference_start_is_a_fraction_of_the_trained_range():
+    p = policy()
+    trunc = float(p.t_trunc)
+    starts = _recording_starts(p)
+    obs, goal, noise = torch.randn(3, 4), torch.randn(3, 2), torch.randn(3, 4, 2)
+    for frac in (None, 1.0, 0.5, 0.16):
+        p.config.t_start = frac
+        with torch.inference_mode():
+            p.plan(obs, goal, noise, t_start=1.0)  # the runtime's level is not used
+    assert starts == pytest.approx([trunc, trunc, 0.5 * trunc, 0.16 * trunc])  # None: the top, as shipped
+    with pytest.raises(ValueError, match="fraction of the truncation level"):
+        AnchoredConfig(t_start=1.5)
+
+
+def test_warm_start_starts_inside_the_trained_range_from_the_previous_chunk():
+    from diffplan.runtime.planner import Planner
+
+    p = policy()
+    trunc = float(p.t_trunc)
+    runtime = PlannerConfig(n_action_steps=2, warm_start=True, t_warm=0.3, seed=0)  # 0.3 > t_trunc = 0.2
+    planner = Planner(p, runtime)
+    starts = _recording_starts(p)
+    obs, goal = torch.randn(2, 4), torch.randn(2, 2)
+    with torch.inference_mode():
+        for _ in range(3):  # cold plan, one executed action, then a warm replan
+            planner.act(obs, goal)
+    assert starts[0] == pytest.approx(trunc) and starts[-1] == pytest.approx(p.config.t_warm * trunc)
+    assert 0 < starts[-1] <= trunc
+    noise = torch.randn(2, 4, 2)
+    prev = torch.randn(2, 2, 4, 2, generator=torch.Generator().manual_seed(3))  # two previous chunks per env
+    with torch.inference_mode():
+        (a, la), (b, _) = (p.denoise_anchors(obs, goal, noise, prior=x) for x in prev)
+    k = p.config.num_anchors
+    assert a.shape[1] == k + 1 and la.shape == (2, k + 1)  # the previous chunk is one more query
+    torch.testing.assert_close(a[:, :k], b[:, :k])  # the anchors' queries do not see it
+    assert (a[:, k] - b[:, k]).abs().amax() > 1e-3  # its own query refines it
+    assert (a[:, k] - prev[0]).abs().amax() < (a[:, k] - prev[1]).abs().amax()

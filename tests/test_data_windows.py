@@ -138,3 +138,17 @@ def test_bad_requests_raise_clear_errors():
         SequenceWindows(data, horizon=4, keys=("obs",))
     with pytest.raises(DatasetError, match="normalizer given for 'goals'"):
         SequenceWindows(data, horizon=4, normalizers={"goals": LimitsNormalizer(2)})
+
+
+def test_termination_penalty_lowers_the_value_of_windows_before_a_terminal_step():
+    # as the hand-computed example: episode [1, 2, 3] terminates, [10, 20] times out; discount 0.5
+    data = OfflineDataset(observations=np.zeros((5, 1)), actions=np.zeros((5, 1)),
+                          rewards=[1, 2, 3, 10, 20], terminals=[0, 0, 1, 0, 0],
+                          timeouts=[0, 0, 0, 0, 1])
+    w = SequenceWindows(data, horizon=2, keys=("rewards",), returns_to_go=True, value=True,
+                        discount=0.5, pad=True, termination_penalty=-100.0)
+    # the terminal step is k = 2, 1, 0 steps after windows 0, 1, 2: value lower by 0.5**k * 100
+    assert [w[i]["value"][0] for i in range(3)] == pytest.approx([2.75 - 25, 3.5 - 50, 3 - 100])
+    assert w[3]["value"][0] == pytest.approx(20.0)  # a timeout is not penalised
+    np.testing.assert_allclose(w[0]["returns_to_go"][:, 0], [2.75 - 25, 3.5 - 50])
+    assert w[0]["rewards"][:, 0].tolist() == [1, 2]  # the rewards themselves are left as they are

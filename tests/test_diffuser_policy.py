@@ -219,3 +219,52 @@ def test_compiled_planning_gives_the_same_actions(trained):
     finally:
         policy.planner.config.compile = False
     np.testing.assert_allclose(compiled, eager, atol=1e-4)
+
+
+def _value_guided_planner(**overrides):
+    from diffplan.policies.base import SpaceSpec
+
+    torch.manual_seed(0)
+    cfg = DiffuserConfig(horizon=8, with_actions=True, dim=8, dim_mults=(1, 2), steps=3, normalizer="gaussian",
+                         action_mode="plan", value_guided=True, guide_scale=0.5, **overrides)
+    spec = SpaceSpec(obs_dim=3, act_dim=2, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    policy = DiffuserPlanner(cfg, spec).eval()
+    with torch.no_grad():  # an untrained value net is near constant: give it a slope to choose by
+        policy.value.net[-1].weight.mul_(50)
+    return policy
+
+
+def test_temperature_0_plans_one_candidate_and_positive_temperature_keeps_the_best_of_n():
+    assert _value_guided_planner(n_samples=8, temperature=0.0).noise_samples == 1  # all would be equal
+    n = 4
+    policy = _value_guided_planner(n_samples=n, temperature=1.0)
+    assert policy.noise_samples == n
+    g = torch.Generator().manual_seed(0)
+    obs, noise = torch.randn(2, 3, generator=g), torch.randn(2, n, 8, 5, generator=g)
+    with torch.inference_mode():
+        chosen = policy.plan(obs, None, noise)
+        policy.config.n_samples = 1  # the same candidates, planned one at a time
+        cands = torch.stack([policy.plan(obs, None, noise[:, j]) for j in range(n)], 1)  # (B, n, H, D)
+        values = policy.value(cands.flatten(0, 1), torch.zeros(2 * n)).view(2, n)
+    assert (cands[:, 0] - cands[:, 1]).abs().amax() > 1e-3  # distinct noise, distinct plans
+    torch.testing.assert_close(chosen, cands[torch.arange(2), values.argmax(1)], atol=1e-4, rtol=1e-4)
+
+
+def test_termination_penalty_and_guide_variance_reach_the_value_windows_and_the_guidance(monkeypatch):
+    from diffplan.data import OfflineDataset
+    import diffplan.policies.diffuser as diffuser_module
+
+    data = OfflineDataset(observations=np.zeros((12, 3)), actions=np.zeros((12, 2)), rewards=np.ones(12),
+                          terminals=np.arange(12) == 11, timeouts=np.zeros(12, bool))
+    values = {}
+    for penalty in (None, -100.0):
+        policy = _value_guided_planner(termination_penalty=penalty)
+        values[penalty] = policy._windows(data)[11 - 8]["value"][0]  # 8 steps before the terminal one
+    assert values[-100.0] == pytest.approx(values[None] - 100 * 0.997 ** 8, rel=1e-5)
+    made = []
+    real = diffuser_module.ValueGuidance
+    monkeypatch.setattr(diffuser_module, "ValueGuidance", lambda *a, **k: made.append(k) or real(*a, **k))
+    policy = _value_guided_planner(guide_variance=True)
+    with torch.inference_mode():
+        policy.plan(torch.zeros(1, 3), None, torch.randn(1, 64, 8, 5))
+    assert made[0]["variance_scaled"] is True

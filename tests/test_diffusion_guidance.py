@@ -79,3 +79,29 @@ def test_guidance_stops_below_t_stopgrad_and_keeps_constraints():
                    guidance=ValueGuidance(counted, scale=0.5, n_guide_steps=3, t_stopgrad=0.5))
     assert len(seen) == 3 * 6 and min(seen) == pytest.approx(0.5)  # t = 1.0, 0.9, ..., 0.5
     assert (x[:, 0] == -3.0).all()
+
+
+def test_variance_scaled_guidance_step_is_the_reference_formula():
+    """Diffuser's n_step_guided_p_sample: x + scale * model_var * grad V, with model_var the DDPM
+    posterior variance beta_t (1 - abar_s) / (1 - abar_t) of the step t -> s."""
+    sched = Schedule.vp_cosine()
+    c = torch.tensor([0.5, -1.0])
+    toy_value = lambda x, t: -((x - c) ** 2).sum(dim=(1, 2))
+    seen = []
+
+    def denoise(x, t):
+        seen.append(x.clone())
+        return torch.zeros_like(x)
+
+    x = torch.randn(3, 4, 2, generator=torch.Generator().manual_seed(0))
+    t, s, scale = 0.6, 0.55, 0.7
+    guidance = ValueGuidance(toy_value, scale=scale, n_guide_steps=1, t_stopgrad=0.0, variance_scaled=True)
+    sample(denoise, x, sched, "ddim", ts=[t, s], guidance=guidance, noise_prior=False)
+    abar_t, abar_s = (float(sched.alpha(torch.tensor(v, dtype=torch.float64))) ** 2 for v in (t, s))
+    var = (1 - abar_t / abar_s) * (1 - abar_s) / (1 - abar_t)
+    torch.testing.assert_close(seen[0], x + scale * var * (-2 * (x - c)))
+    # without the factor the step is scale * grad V (the shipped behaviour)
+    seen.clear()
+    sample(denoise, x, sched, "ddim", ts=[t, s], noise_prior=False,
+           guidance=ValueGuidance(toy_value, scale=scale, n_guide_steps=1, t_stopgrad=0.0))
+    torch.testing.assert_close(seen[0], x + scale * (-2 * (x - c)))

@@ -33,6 +33,8 @@ class SequenceWindows:
             of its episode (0 on padding);
         ``value``: (1,) if asked, the discounted return from the window's first step to the
             episode's end (Diffuser's value target);
+        ``termination_penalty`` (None: none) is added to the reward of every terminal step (an
+        episode that ended by ``terminals``, not by a timeout) in both, as Diffuser's -100;
         ``goal``: (goal_dim,) if asked, the dataset goal at the window's first step.
     `normalizers` maps array names (e.g. ``"observations"``, ``"goals"``) to fitted
     normalizers; those arrays are normalized once, here, and every output built from them
@@ -44,7 +46,7 @@ class SequenceWindows:
                  pad_obs_fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
                  returns_to_go: bool = False, value: bool = False, discount: float = 0.99,
                  goal: bool = False, normalizers: Mapping[str, object] | None = None,
-                 stride: int = 1):
+                 stride: int = 1, termination_penalty: float | None = None):
         if not isinstance(horizon, (int, np.integer)) or horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
         if not isinstance(stride, (int, np.integer)) or stride < 1:
@@ -111,7 +113,10 @@ class SequenceWindows:
                 rows = np.asarray(normalizers["observations"].normalize(rows), dtype=np.float32)
             self._pad_rows = rows  # (E, obs_dim)
         if returns_to_go or value:
-            self._rtg = discounted_returns(dataset.rewards, ends, self.discount)
+            rewards = np.asarray(dataset.rewards, dtype=np.float64)
+            if termination_penalty is not None:
+                rewards = rewards + termination_penalty * np.asarray(dataset.terminals, dtype=bool)
+            self._rtg = discounted_returns(rewards, ends, self.discount)
         self._offsets = np.arange(self.horizon, dtype=np.int64) * self.stride
 
     def __len__(self) -> int:

@@ -2,10 +2,14 @@
 
 ``ValueGuidance`` follows Janner et al. (2022), Alg. 1 / ``n_step_guided_p_sample``: before the
 denoiser call of every solver step whose noise level satisfies ``t >= t_stopgrad``, take
-``n_guide_steps`` gradient-ascent steps ``x <- x + scale * grad_x V(x, t)`` on the noisy sample,
-re-applying the inpainting constraints after each. Diffuser's locomotion setting is
-``scale=0.1, n_guide_steps=2`` and no guidance for its two least-noisy of 20 steps; with our
-``t = (k + 1) / T`` convention that is ``t_stopgrad = 0.15`` (the default).
+``n_guide_steps`` gradient-ascent steps ``x <- x + scale * var * grad_x V(x, t)`` on the noisy
+sample, re-applying the inpainting constraints after each. ``var`` is the posterior variance of
+the solver step (``q(x_s | x_t, x0)``, the reference's ``model_var`` with ``scale_grad_by_std``)
+when ``variance_scaled`` is on, and 1 when it is off (the default, which the shipped Diffuser
+checkpoints were tuned with: a constant step at every noise level). Diffuser's locomotion
+setting is ``scale=0.1, n_guide_steps=2``, variance-scaled, and no guidance for its two
+least-noisy of 20 steps; with our ``t = (k + 1) / T`` convention that is ``t_stopgrad = 0.15``
+(the default).
 
 ``cfg_denoiser`` is classifier-free guidance (Ho & Salimans 2022; Ajay et al. 2023) on ``x0``
 estimates: ``D_u + w (D_c - D_u)`` from one batched forward over ``[cond; null_cond]``.
@@ -29,6 +33,7 @@ class ValueGuidance:
     scale: float = 0.1
     n_guide_steps: int = 2
     t_stopgrad: float = 0.15
+    variance_scaled: bool = False  # multiply the step by the solver step's posterior variance
 
     def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``grad_x sum_b V(x_b, t_b)``; works inside ``torch.inference_mode`` too."""
@@ -38,11 +43,17 @@ class ValueGuidance:
             (grad,) = torch.autograd.grad(value.sum(), x)
         return grad
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None
-                 ) -> torch.Tensor:
-        """``n_guide_steps`` of ``x <- project(x + scale * grad V(x, t))``."""
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 var: float | None = None) -> torch.Tensor:
+        """``n_guide_steps`` of ``x <- project(x + scale * var * grad V(x, t))``; ``var`` (a Python
+        float, the step's posterior variance) is needed and used only when ``variance_scaled``."""
+        step = self.scale
+        if self.variance_scaled:
+            if var is None:
+                raise ValueError("variance_scaled guidance needs the solver step's posterior variance (var)")
+            step = self.scale * var
         for _ in range(self.n_guide_steps):
-            x = x + self.scale * self.gradient(x, t).to(x.dtype)
+            x = x + step * self.gradient(x, t).to(x.dtype)
             if project is not None:
                 x = project(x)
         return x

@@ -126,6 +126,14 @@ def ddpm_coefficients(schedule: Schedule, ts: Grid):
     return _floats(k_x, k_d, k_z)
 
 
+@functools.lru_cache(maxsize=512)
+def posterior_variances(schedule: Schedule, ts: Grid) -> tuple[float, ...]:
+    """Per step ``t -> s`` of the grid: the variance of the DDPM posterior ``q(x_s | x_t, x0)``,
+    ``sigma2_ts sigma_s^2 / sigma_t^2`` (0 on a step that lands on ``sigma = 0``). Python floats:
+    what variance-scaled value guidance multiplies its step by (Diffuser's ``model_var``)."""
+    return tuple(k * k for k in ddpm_coefficients(schedule, ts)[2])
+
+
 def ddim(denoise: Denoiser, x: torch.Tensor, ts, schedule: Schedule, eta: float = 0.0,
          generator: Generators = None, guide: Hook = None, constrain: Hook = None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12): ``x_s = alpha_s x0 + sqrt(sigma_s^2 - c^2) eps_hat + c z``.
@@ -280,7 +288,8 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
     * ``steps == 0``: returns ``x_init`` with the constraints applied.
     * ``constraints``: a ``Constraints`` (or a list), applied to the start and after every step.
     * ``guidance``: a ``ValueGuidance``, applied before the denoiser call of each step with
-      ``t >= guidance.t_stopgrad``.
+      ``t >= guidance.t_stopgrad``; a ``variance_scaled`` one gets the step's
+      :func:`posterior_variances` entry (host floats, no synchronisation).
     * ``eta``: DDIM's stochasticity (``solver="ddim"`` only; default 0).
     * ``generator``: makes the start noise and the ddpm/ddim noise reproducible; a list of one
       generator per env (see :func:`randn`) makes each env's sample independent of the batch.
@@ -324,9 +333,10 @@ def sample(denoise: Denoiser, x_init: torch.Tensor, schedule: Schedule, solver: 
     if guidance is not None:
         active = [t >= guidance.t_stopgrad for t in ts[:-1]]
         times = _batch_times(ts, x)
+        var = posterior_variances(schedule, ts) if getattr(guidance, "variance_scaled", False) else [None] * len(active)
 
         def guide(x, i):
-            return guidance(x, times[i], constrain) if active[i] else x
+            return guidance(x, times[i], constrain, var=var[i]) if active[i] else x
 
     kwargs = {"generator": generator} if solver in ("ddpm", "ddim") else {}
     if eta is not None:

@@ -209,7 +209,7 @@ class PolicyBase(nn.Module):
         return compiled[1]
 
     def action_to_env(self, action: torch.Tensor) -> torch.Tensor:
-        """Clip actions (B, act_dim) into the action space."""
+        """Clip actions (B, ..., act_dim) into the action space."""
         return torch.maximum(torch.minimum(action, self._action_high), self._action_low)
 
     # ------------------------------------------------------------------ observation -> action policies

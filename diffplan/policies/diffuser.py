@@ -13,7 +13,8 @@ How it acts
       * ``pd``: Diffuser's maze tracking controller ``a = (wp_xy - xy) + (wp_vel - vel)`` toward the
         next waypoint (REFERENCES: tracking is what made Diffuser's maze scores);
       * ``plan``: the diffused action at the current step (locomotion, ``[obs, action]`` plans);
-    with value guidance (``n_samples`` plans, gradient steps on V, best plan kept) for reward tasks.
+    with value guidance (gradient steps on V; at ``temperature > 0``, ``n_samples`` plans and the
+    best by V kept) for reward tasks.
 """
 from __future__ import annotations
 
@@ -74,9 +75,15 @@ class DiffuserConfig:
     guide_scale: float = 3.0
     n_guide_steps: int = 2
     t_stopgrad: float = 0.1
+    # scale each guidance step by the solver step's posterior variance, as Diffuser's
+    # n_step_guided_p_sample does (False: a constant step, what the shipped checkpoints were tuned with)
+    guide_variance: bool = False
+    # added to the reward of an episode's terminal step before the value target is computed
+    # (Diffuser: -100, teaching V that falling is bad); None: no penalty, as the shipped value nets
+    termination_penalty: float | None = None
     # scale of the noise a plan starts from (DDIM's only noise). 1 samples the data's behavior,
     # exploration noise included; < 1 moves toward its typical plan; 0 plans deterministically
-    # from the zero start (one candidate then, since all would be equal)
+    # from the zero start: then n_samples is ignored and one plan is made (all candidates would be equal)
     temperature: float = 1.0
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
@@ -147,7 +154,8 @@ class DiffuserPlanner(PolicyBase):
         pad_fn = rest_at_goal_pad if self.config.pad and dataset.goals is not None else None
         return SequenceWindows(dataset, self.config.horizon, keys=keys, pad=self.config.pad,
                                pad_obs_fn=pad_fn, value=self.config.value_guided,
-                               discount=self.config.discount, stride=self.config.plan_stride)
+                               discount=self.config.discount, stride=self.config.plan_stride,
+                               termination_penalty=self.config.termination_penalty)
 
     def batches(self, dataset, batch_size: int):
         windows = self._windows(dataset)
@@ -223,7 +231,7 @@ class DiffuserPlanner(PolicyBase):
         guidance = None
         if self.value is not None:
             guidance = ValueGuidance(self.value, scale=cfg.guide_scale, n_guide_steps=cfg.n_guide_steps,
-                                     t_stopgrad=cfg.t_stopgrad)
+                                     t_stopgrad=cfg.t_stopgrad, variance_scaled=cfg.guide_variance)
         plans = sample(denoise, x_init, schedule=self.schedule, solver=cfg.solver, steps=steps,
                        t_start=t_start, constraints=self.constraints(obs, goal), guidance=guidance,
                        noise_prior=False, generator=generator)
