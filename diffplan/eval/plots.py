@@ -55,8 +55,11 @@ def plot_report(report, path) -> Path:
             ax.set_title(f"episode {k}: return {r:.0f}", fontsize=10)
             if k == 0:
                 ax.legend(loc="lower right", fontsize=7)
+        optimal = report.extra.get("optimal_normalized_mean")
+        vs_optimal = "" if optimal is None else (
+            f" (near-optimal controller = 100: {optimal:.1f} ± {report.extra['optimal_normalized_stderr']:.1f})")
         fig.suptitle(f"{report.policy} on {report.task}: normalized {report.normalized_mean:.1f} "
-                     f"± {report.normalized_stderr:.1f} over {report.episodes} episodes")
+                     f"± {report.normalized_stderr:.1f} over {report.episodes} episodes{vs_optimal}")
     else:
         fig, ax = plt.subplots(figsize=(6, 4))
         r = np.asarray(report.returns)
