@@ -17,3 +17,6 @@ __all__ += ["DiffusionPolicy", "DiffusionPolicyConfig"]
 from diffplan.policies.finetune.ctrl import CTRLConfig, CTRLPlanner  # noqa: E402
 
 __all__ += ["CTRLConfig", "CTRLPlanner"]
+from diffplan.policies.critic import Critic, CriticConfig, rerank  # noqa: E402
+
+__all__ += ["Critic", "CriticConfig", "rerank"]

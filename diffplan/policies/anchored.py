@@ -18,7 +18,8 @@ How it acts
     range; default 1, its top; DiffusionDrive noises to step 8 of its [0, 50), about 0.16) and
     denoised in 2 DDIM steps
     (x0-parameterised, ``x_s = alpha_s x0 + sigma_s (x_t - alpha_t x0) / sigma_t``), each step one
-    pass of the cascade. The chunk of the top logit (or one sampled by ``softmax(logits / T)``) is
+    pass of the cascade. The chunk of the top logit (or one sampled by ``softmax(logits / T)``, or,
+    with ``critic:`` set, the one of highest Q(s, first action) by an in-sample critic) is
     returned; the runtime executes ``n_action_steps`` of it and replans. Network evaluations per
     decision are ``steps / n_action_steps`` = 2/8 with the defaults.
 
@@ -120,6 +121,9 @@ class AnchoredConfig:
     l1_weight: float = 1.0
     cls_weight: float = 0.5
     temperature: float = 0.0  # 0: top logit; > 0: sample softmax(logits / temperature)
+    # a `kind: critic` checkpoint: pick the chunk of highest Q(s, first action) instead of the
+    # classifier's (None: the classifier, as trained; temperature is then not used)
+    critic: str | None = None
     pad: bool = False  # also train on chunks running past an episode's end, zero-padded
     hold: GoalHoldConfig = field(default_factory=GoalHoldConfig)  # synthesized arrival + hold at the goal
     # Return conditioning (reward tasks): the discounted return-to-go of the chunk's first step is
@@ -306,6 +310,21 @@ class AnchoredDiffusionPolicy(PolicyBase):
                                           returns=c.return_conditioned)
         self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages, activation=c.activation)
         self._grid_cache: tuple | None = None
+
+    def use_critic(self, critic) -> None:
+        """Rerank by ``critic`` (anything with ``q_value(obs, actions)``), or None: by
+        ``config.critic`` if set, else by the classifier. Kept out of the state dict."""
+        self.__dict__["_critic"] = critic
+
+    def reranker(self):
+        """The critic that reranks the denoised chunks, or None (loaded once from ``config.critic``)."""
+        critic = self.__dict__.get("_critic")
+        if critic is None and self.config.critic is not None:
+            from diffplan.policies.critic import load_critic
+
+            critic = load_critic(self.config.critic, self.device, self.spec)
+            self.__dict__["_critic"] = critic
+        return critic
 
     # ------------------------------------------------------------------ training
     @classmethod
@@ -505,7 +524,12 @@ class AnchoredDiffusionPolicy(PolicyBase):
         # inside the action bounds, as executed: a chunk fed back unclipped can grow without end
         prior = None if warm is None else self.action_normalizer.normalize(self.action_to_env(warm))
         x0, logits = self.denoise_anchors(obs, goal, noise, steps=steps, prior=prior)
-        if self.config.temperature > 0:
+        critic = self.reranker()
+        if critic is not None:  # Q(s, first action) of every candidate, as it would be executed
+            from diffplan.policies.critic import rerank
+
+            pick = rerank(critic, obs, self.action_to_env(self.action_normalizer.unnormalize(x0[:, :, 0])))
+        elif self.config.temperature > 0:
             cdf = torch.softmax(logits.float() / self.config.temperature, -1).cumsum(-1)
             u = torch.special.ndtr(randn((cdf.shape[0], 1), generator, cdf.device))  # uniform on (0, 1)
             pick = (cdf < u).sum(-1).clamp(max=cdf.shape[1] - 1)  # inverse-CDF draw of a query
