@@ -130,3 +130,26 @@ def test_anchored_config_critic_loads_the_checkpoint_and_refuses_others(trained,
     policy = AnchoredDiffusionPolicy(tiny(critic=str(tmp_path / "critic")), wrong).eval()
     with pytest.raises(ConfigError, match="obs_dim, act_dim"):
         policy.act(np.zeros(3, np.float32))
+
+
+def test_diffuser_keeps_the_candidate_plan_of_highest_q_of_the_first_action():
+    from diffplan.policies.diffuser import DiffuserConfig, DiffuserPlanner
+
+    torch.manual_seed(0)
+    cfg = DiffuserConfig(horizon=8, with_actions=True, dim=8, dim_mults=(1, 2), steps=3, normalizer="gaussian",
+                         action_mode="plan", n_samples=4, temperature=1.0)
+    spec = SpaceSpec(obs_dim=3, act_dim=2, action_low=(-1.0, -1.0), action_high=(1.0, 1.0))
+    policy = DiffuserPlanner(cfg, spec).eval()
+    assert policy.noise_samples == 1  # no value net and no critic: one plan
+    g = torch.Generator().manual_seed(0)
+    obs, noise = torch.randn(2, 3, generator=g), torch.randn(2, 4, 8, 5, generator=g)
+    with torch.inference_mode():
+        cands = torch.stack([policy.plan(obs, None, noise[:, j]) for j in range(4)], 1)  # (B, n, H, D)
+        firsts = policy.action_to_env(policy.normalizer.unnormalize(cands[:, :, 0])[..., 3:])
+        stub = StubCritic(firsts[:, 2, :1].clone())  # prefers, per env, candidate 2's first action
+        policy.use_critic(stub)
+        assert policy.noise_samples == 4
+        chosen = policy.plan(obs, None, noise)
+    assert stub.calls == 1
+    assert (cands[:, 0] - cands[:, 2]).abs().amax() > 1e-3
+    torch.testing.assert_close(chosen, cands[:, 2], atol=1e-4, rtol=1e-4)

@@ -311,21 +311,6 @@ class AnchoredDiffusionPolicy(PolicyBase):
         self.net = CascadeDecoder(c.chunk, spec.act_dim, c.width, c.heads, c.stages, activation=c.activation)
         self._grid_cache: tuple | None = None
 
-    def use_critic(self, critic) -> None:
-        """Rerank by ``critic`` (anything with ``q_value(obs, actions)``), or None: by
-        ``config.critic`` if set, else by the classifier. Kept out of the state dict."""
-        self.__dict__["_critic"] = critic
-
-    def reranker(self):
-        """The critic that reranks the denoised chunks, or None (loaded once from ``config.critic``)."""
-        critic = self.__dict__.get("_critic")
-        if critic is None and self.config.critic is not None:
-            from diffplan.policies.critic import load_critic
-
-            critic = load_critic(self.config.critic, self.device, self.spec)
-            self.__dict__["_critic"] = critic
-        return critic
-
     # ------------------------------------------------------------------ training
     @classmethod
     def from_dataset(cls, dataset, config: AnchoredConfig) -> "AnchoredDiffusionPolicy":

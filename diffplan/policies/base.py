@@ -281,6 +281,24 @@ class PolicyBase(nn.Module):
             x = torch.cat([x, self.goal_normalizer.normalize(goal)], -1)
         return x
 
+    # ------------------------------------------------------------------ reranking by a critic
+    def use_critic(self, critic) -> None:
+        """Rerank candidates by ``critic`` (anything with ``q_value(obs, actions)``), or None: by
+        ``config.critic`` if set, else as the policy picks without one. Kept out of the state dict."""
+        self.__dict__["_critic"] = critic
+
+    def reranker(self):
+        """The critic that reranks this policy's candidates, or None (loaded once from the
+        config's ``critic``, a ``kind: critic`` checkpoint, for the policies that have that field)."""
+        critic = self.__dict__.get("_critic")
+        path = getattr(self.config, "critic", None)
+        if critic is None and path is not None:
+            from diffplan.policies.critic import load_critic
+
+            critic = load_critic(path, self.device, self.spec)
+            self.__dict__["_critic"] = critic
+        return critic
+
     # ------------------------------------------------------------------ training hooks
     @classmethod
     def from_dataset(cls, dataset, config) -> "PolicyBase":

@@ -85,6 +85,9 @@ class DiffuserConfig:
     # exploration noise included; < 1 moves toward its typical plan; 0 plans deterministically
     # from the zero start: then n_samples is ignored and one plan is made (all candidates would be equal)
     temperature: float = 1.0
+    # a `kind: critic` checkpoint: of the n_samples candidate plans (temperature > 0), keep the one
+    # whose first action has the highest Q(s, a) (None: the highest V, with value guidance)
+    critic: str | None = None
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -205,7 +208,8 @@ class DiffuserPlanner(PolicyBase):
     def noise_samples(self) -> int:
         """Candidate plans per env (value guidance keeps the best): the runtime draws them all
         from the env's own noise generator."""
-        return self.config.n_samples if self.value is not None and self.config.temperature > 0 else 1
+        ranked = self.value is not None or self.config.critic is not None or self.__dict__.get("_critic") is not None
+        return self.config.n_samples if ranked and self.config.temperature > 0 else 1
 
     def capture_problem(self) -> str | None:
         """Why a plan cannot be captured in a CUDA graph (see ``diffplan.runtime.graphs``), or None."""
@@ -220,7 +224,8 @@ class DiffuserPlanner(PolicyBase):
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         n = self.noise_samples
-        if n > 1:  # value guidance: n candidate plans per env, keep the best
+        if n > 1:  # n candidate plans per env, keep the best (by the critic, else by V)
+            obs0 = obs
             obs, noise = obs.repeat_interleave(n, 0), _candidates(noise, n, generator)
             goal = None if goal is None else goal.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
@@ -236,9 +241,16 @@ class DiffuserPlanner(PolicyBase):
                        t_start=t_start, constraints=self.constraints(obs, goal), guidance=guidance,
                        noise_prior=False, generator=generator)
         if n > 1:
-            values = self.value(plans, torch.zeros(plans.shape[0], device=plans.device))
-            best = values.view(-1, n).argmax(1) + torch.arange(0, plans.shape[0], n, device=plans.device)
-            plans = plans[best]
+            critic = self.reranker()
+            if critic is not None:  # Q(s, first action) of every candidate, as it would be executed
+                from diffplan.policies.critic import rerank
+
+                zero = torch.zeros(plans.shape[0], dtype=torch.long, device=plans.device)
+                firsts = self.action_to_env(self.action_at(plans, zero, obs, goal))
+                pick = rerank(critic, obs0, firsts.view(obs0.shape[0], n, -1))
+            else:
+                pick = self.value(plans, torch.zeros(plans.shape[0], device=plans.device)).view(-1, n).argmax(1)
+            plans = plans[pick + torch.arange(0, plans.shape[0], n, device=plans.device)]
         return plans
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
