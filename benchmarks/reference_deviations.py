@@ -4,7 +4,9 @@ tuning seeds (reset seeds 1000+), with BC in the same run.
 * ``--diffuser TASK``: the shipped value-guided Diffuser as shipped (constant guidance step) and
   with ``guide_variance`` (the reference's posterior-variance factor) at each ``--scales`` value;
 * ``--anchored TASK [TASK ...]``: the shipped anchored policy at each ``--t-starts`` fraction of
-  its truncation level, and warm-started (``runtime.warm_start``) at each ``--t-warms`` fraction.
+  its truncation level, and warm-started (``runtime.warm_start``) at each ``--t-warms`` fraction;
+  with ``--critic CKPT`` (a ``kind: critic`` checkpoint, e.g. ``configs/critic/hopper-medium.yaml``
+  trained), also reranked by Q(s, first action) instead of its classifier (``critic:``).
 
 Each setting is a dotted override of the loaded policy's config (nothing is written into the
 checkpoints). One JSON row per setting goes to ``outputs/benchmarks/reference_deviations.json``
@@ -14,6 +16,8 @@ earlier by this script instead of measuring.
 
     OMP_NUM_THREADS=1 python benchmarks/reference_deviations.py --diffuser hopper-medium --scales 1 10 30
     OMP_NUM_THREADS=1 python benchmarks/reference_deviations.py --anchored hopper-medium halfcheetah-medium
+    OMP_NUM_THREADS=1 python benchmarks/reference_deviations.py --anchored hopper-medium --t-starts \
+        --warm-t-starts --critic runs/critic-hopper-medium
 """
 from __future__ import annotations
 
@@ -68,6 +72,8 @@ def settings(args) -> list[tuple[str, str, str, dict]]:
         out += [(task, "anchored", f"warm start, t_start {f:g}, t_warm {w:g}",
                  {"t_start": f, "t_warm": w, "runtime.warm_start": True})
                 for f in args.warm_t_starts for w in args.t_warms]
+        if args.critic:
+            out.append((task, "anchored", f"critic rerank ({args.critic.name})", {"critic": str(args.critic.resolve())}))
     return out
 
 
@@ -81,9 +87,10 @@ def main() -> int:
     p.add_argument("--diffuser", metavar="TASK")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 10.0, 30.0, 100.0])
     p.add_argument("--anchored", metavar="TASK", nargs="+")
-    p.add_argument("--t-starts", type=float, nargs="+", default=[0.5, 0.3, 0.16, 0.08])
-    p.add_argument("--warm-t-starts", type=float, nargs="+", default=[1.0, 0.16])
+    p.add_argument("--t-starts", type=float, nargs="*", default=[0.5, 0.3, 0.16, 0.08])
+    p.add_argument("--warm-t-starts", type=float, nargs="*", default=[1.0, 0.16])
     p.add_argument("--t-warms", type=float, nargs="+", default=[0.5])
+    p.add_argument("--critic", type=Path, help="anchored: also rerank by this critic checkpoint's Q")
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=1000, help="first tuning seed (default 1000)")
     p.add_argument("--record-json", type=Path, help="record the rows of an earlier run instead of measuring")
