@@ -63,7 +63,9 @@ def test_critic_saves_and_loads_as_a_checkpoint_and_does_not_act(trained, tmp_pa
     loaded = load_policy(tmp_path / "critic")
     a, s = torch.tensor([[0.3], [-0.2]]), torch.ones(2, 2)
     assert torch.equal(loaded.q_value(s, a), critic.q_value(s, a))
-    with pytest.raises(TypeError, match="does not act"):
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under a policy's runtime dtype
+        assert loaded.q_value(s, a).dtype == torch.float32
+    with pytest.raises(ConfigError, match="does not act"):
         loaded.act(np.zeros(2, np.float32))
 
 

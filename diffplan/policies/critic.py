@@ -118,16 +118,18 @@ class Critic(PolicyBase):
         return v_loss + q_loss, {"v_loss": v_loss.detach(), "q_loss": q_loss.detach(), "q": q1.mean().detach()}
 
     def q_value(self, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        """Raw obs (..., obs_dim), raw actions (..., act_dim) -> min of the twin Qs (...)."""
-        s = self.obs_normalizer.normalize(obs.float())
-        a = self.action_normalizer.normalize(actions.float())
-        return torch.minimum(*self.q(s, a))
+        """Raw obs (..., obs_dim), raw actions (..., act_dim) -> min of the twin Qs (...), in float32
+        even under a policy's bf16 autocast (candidates' Qs differ by ~1% of their value)."""
+        with torch.autocast(obs.device.type, enabled=False):
+            s = self.obs_normalizer.normalize(obs.float())
+            a = self.action_normalizer.normalize(actions.float())
+            return torch.minimum(*self.q(s, a))
 
     def plan(self, obs, goal, noise, **kwargs):
-        raise TypeError("a critic does not act: use it as a policy's 'critic:' to rerank candidates")
+        raise ConfigError("a critic does not act: give it as a policy's 'critic:' to rerank candidates")
 
     def action_at(self, plans, index, obs, goal):
-        raise TypeError("a critic does not act: use it as a policy's 'critic:' to rerank candidates")
+        raise ConfigError("a critic does not act: give it as a policy's 'critic:' to rerank candidates")
 
 
 def rerank(critic, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
