@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from results import append_rows, stamp  # noqa: E402
@@ -77,16 +76,11 @@ def main(argv=None) -> int:
     best = results[0][3]
     print(f"best: {label(best)}")
     if args.write:
-        path = Path(getattr(policy, "checkpoint_path", args.checkpoint)) / "config.yaml"
-        cfg = yaml.safe_load(path.read_text())
-        for key, value in best.items():
-            if key == "n_action_steps":
-                cfg["policy"].setdefault("runtime", {})[key] = value
-            else:
-                cfg["policy"][key] = value
-        tmp = path.with_name(".config.yaml.tmp")
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        tmp.replace(path)
+        from diffplan.eval.tune import update_policy_config
+
+        fields = {k: v for k, v in best.items() if k != "n_action_steps"}
+        path = update_policy_config(getattr(policy, "checkpoint_path", args.checkpoint), fields,
+                                    runtime={"n_action_steps": best["n_action_steps"]})
         print(f"written to {path}")
     return 0
 

@@ -19,6 +19,17 @@ from pathlib import Path
 _LEFTOVER_RE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
 
 
+def write_file(path: Path, text: str) -> None:
+    """Replace the file `path` by `text` whole: written to a hidden sibling, then renamed over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
 def temp_sibling(dest: Path) -> Path:
     """A fresh, empty ``.tmp-<name>-<pid>`` folder beside `dest` for this process to write."""
     tmp = dest.parent / f".tmp-{dest.name}-{os.getpid()}"

@@ -19,6 +19,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 
+from diffplan.atomic import write_file
 from diffplan.config import ConfigError
 
 
@@ -93,9 +94,7 @@ class EvalReport:
                     return False
             except (OSError, ValueError, AttributeError):
                 pass
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({**self.to_dict(), "checkpoint_sha256": fingerprint}, indent=2) + "\n")
-        tmp.replace(path)
+        write_file(path, json.dumps({**self.to_dict(), "checkpoint_sha256": fingerprint}, indent=2) + "\n")
         return True
 
     def save(self, out_dir, video: bool = False) -> Path:

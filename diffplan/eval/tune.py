@@ -11,12 +11,12 @@ mean. ``write_default_steps`` stores that count in the checkpoint's ``config.yam
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
 
+from diffplan.atomic import write_file
 from diffplan.config import ConfigError
 
 DEFAULT_STEPS = (1, 2, 3, 5, 10)
@@ -76,18 +76,28 @@ def write_default_steps(checkpoint, steps: int, rows: list[StepRow] | None = Non
     from diffplan.policies.base import POLICIES
 
     folder = Path(checkpoint)
-    path = folder / "config.yaml"
-    cfg = yaml.safe_load(path.read_text())
-    kind = cfg.get("kind")
+    kind = yaml.safe_load((folder / "config.yaml").read_text()).get("kind")
     if kind not in POLICIES:
-        raise ValueError(f"{path}: unknown policy kind {kind!r}")
+        raise ConfigError(f"{folder / 'config.yaml'}: unknown policy kind {kind!r}")
     field = POLICIES[kind].steps_field
-    cfg.setdefault("policy", {})[field] = int(steps)
-    _write_atomic(path, yaml.safe_dump(cfg, sort_keys=False))
+    path = update_policy_config(folder, {field: int(steps)})
     if rows is not None:
         record = {"field": field, "chosen": int(steps), "rule": "fewest steps within one standard error "
                   "of the best mean", "rows": [asdict(r) for r in rows]}
-        _write_atomic(folder / "tune_steps.json", json.dumps(record, indent=2) + "\n")
+        write_file(folder / "tune_steps.json", json.dumps(record, indent=2) + "\n")
+    return path
+
+
+def update_policy_config(checkpoint, fields: dict, runtime: dict | None = None) -> Path:
+    """Set ``policy.<field>`` and ``policy.runtime.<field>`` in a checkpoint's ``config.yaml``,
+    atomically: the tuned settings of a shipped checkpoint. Returns the config path."""
+    path = Path(checkpoint) / "config.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    policy = cfg.setdefault("policy", {})
+    policy.update(fields)
+    if runtime:
+        policy.setdefault("runtime", {}).update(runtime)
+    write_file(path, yaml.safe_dump(cfg, sort_keys=False))
     return path
 
 
@@ -98,9 +108,3 @@ def format_rows(rows: list[StepRow], chosen: int | None = None, header: bool = T
         lines.append(f"{r.steps:>5}  {r.score_mean:>6.1f} ± {r.score_stderr:<4.1f}  {r.plan_p50_ms:>11.2f}  "
                      f"{r.plan_p10_ms:>11.2f}{mark}")
     return "\n".join(lines)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(path)

@@ -280,21 +280,11 @@ class TrajectoryDiffuser(PolicyBase):
 
         ckpt = load_checkpoint(Path(path), resume_state=False)
         theirs = ckpt.config.get("policy", {}) if isinstance(ckpt.config, dict) else {}
-        cfg = self.config
         for key in ("horizon", "plan_stride", "dim", "dim_mults", "schedule", "objective"):
-            mine, other = getattr(cfg, key), theirs.get(key, 1 if key == "plan_stride" else None)
+            mine, other = getattr(self.config, key), theirs.get(key, 1 if key == "plan_stride" else None)
             if (list(mine) if isinstance(mine, tuple) else mine) != other:
                 raise ValueError(f"refiner_from {path}: its {key} is {other!r}, this policy's is {mine!r}")
-        state = ckpt.model_state
-        own = self.state_dict()
-        for k in (k for k in own if k.startswith("normalizer.")):
-            if k not in state or not torch.equal(state[k].to(own[k]), own[k]):
-                raise ValueError(f"refiner_from {path}: it was fitted to other data ({k} differs)")
-        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-        try:
-            self.net.load_state_dict(net_state)
-        except RuntimeError as e:
-            raise ValueError(f"refiner_from {path}: its U-Net does not fit this refiner: {e}") from None
+        self._load_unet(self.net, ckpt.model_state, f"refiner_from {path}", ("normalizer",))
 
     def load_teacher(self, path) -> None:
         """Guidance distillation: a frozen copy of ``path``'s refiner becomes the teacher, and this
@@ -304,21 +294,25 @@ class TrajectoryDiffuser(PolicyBase):
         from diffplan.train.checkpoint import load_checkpoint
 
         state = load_checkpoint(Path(path), resume_state=False).model_state
-        own = self.state_dict()
-        for key in ("normalizer", "return_scale"):  # same data, same units of x and of the condition
-            for k in (k for k in own if k.startswith(key)):
-                if k not in state or not torch.equal(state[k].to(own[k]), own[k]):
-                    raise ValueError(f"distill_from {path}: teacher was fitted to other data ({k} differs)")
         teacher = TemporalUNet(self.dim, dim=self.config.dim, dim_mults=self.config.dim_mults,
                                cond_dim=self.cond_dim + 1)
-        net_state = {k[len("net."):]: v for k, v in state.items() if k.startswith("net.")}
-        try:
-            teacher.load_state_dict(net_state)
-        except RuntimeError as e:
-            raise ValueError(f"distill_from {path}: its refiner does not fit this U-Net "
-                             f"(dim {self.config.dim}, dim_mults {self.config.dim_mults}): {e}") from None
+        # same data, same units of x and of the condition
+        self._load_unet(teacher, state, f"distill_from {path}", ("normalizer", "return_scale"))
         self.net.load_state_dict(teacher.state_dict())
         self.__dict__["_teacher"] = teacher.eval().requires_grad_(False)  # not a submodule: not saved
+
+    def _load_unet(self, unet: nn.Module, state: dict, where: str, same: tuple[str, ...]) -> None:
+        """Load another checkpoint's ``net.*`` into ``unet``, after checking that its buffers
+        starting with ``same`` equal this policy's (it was fitted to the same data)."""
+        own = self.state_dict()
+        for k in (k for k in own if k.startswith(same)):
+            if k not in state or not torch.equal(state[k].to(own[k]), own[k]):
+                raise ValueError(f"{where}: it was fitted to other data ({k} differs)")
+        try:
+            unet.load_state_dict({k[len("net."):]: v for k, v in state.items() if k.startswith("net.")})
+        except RuntimeError as e:
+            raise ValueError(f"{where}: its U-Net does not fit this one (dim {self.config.dim}, "
+                             f"dim_mults {self.config.dim_mults}): {e}") from None
 
     @property
     def teacher(self) -> nn.Module | None:
