@@ -428,3 +428,121 @@ def test_rest_fraction_puts_that_fraction_of_the_target_rows_at_rest(ctrl_policy
     assert abs(rest.sum() / ask.sum() - 0.5) < 0.08
     with pytest.raises(ValueError, match="rest_fraction needs a maze"):
         CTRLConfig(label_kind="return_bucket", label_sampling="target", rest_fraction=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Return levels on a reward task
+
+def _skill_dataset(episodes=60, length=40, seed=0):
+    """Episodes of one behavior each: a skill s in [0, 1] per episode, visible in the velocity
+    (observation 1) and the action, paid as reward; so episode return = length * s (plus noise)."""
+    from diffplan.data import OfflineDataset
+
+    rng = np.random.default_rng(seed)
+    skill = np.repeat(rng.uniform(0, 1, episodes), length)
+    n = episodes * length
+    step = np.tile(np.arange(length), episodes)
+    obs = np.stack([step * skill, skill + 0.05 * rng.normal(size=n), rng.normal(size=n)], 1)
+    actions = (skill + 0.05 * rng.normal(size=n))[:, None]
+    timeouts = step == length - 1
+    return OfflineDataset(obs, actions, skill + 0.05 * rng.normal(size=n), np.zeros(n, bool), timeouts)
+
+
+@pytest.fixture(scope="module")
+def return_ctrl():
+    from diffplan.policies import DiffuserConfig, DiffuserPlanner
+
+    torch.manual_seed(0)
+    data = _skill_dataset()
+    base = DiffuserPlanner.from_dataset(data, DiffuserConfig(horizon=8, dim=8, dim_mults=(1, 2), with_actions=True,
+                                                             normalizer="gaussian", action_mode="plan"))
+    cfg = CTRLConfig(label_kind="return_bucket", return_kind="episode", n_buckets=4, target="top", steps=3,
+                     classifier_steps=300, classifier_windows=2000, side_hidden=16, side_depth=1, alpha=0.05)
+    return CTRLPlanner.from_pretrained(base, data, cfg), data
+
+
+def test_return_buckets_are_quantiles_of_episode_returns_and_the_classifier_is_calibrated(return_ctrl):
+    from diffplan.data import SequenceWindows
+
+    policy, data = return_ctrl
+    assert policy.config.label_names == ("b0", "b1", "b2", "top")
+    np.testing.assert_allclose(policy.label_freq.numpy(), 0.25, atol=0.06)  # quantile edges split evenly
+    windows = SequenceWindows(data, 8, keys=("observations", "actions"), pad=True, episode_return=True)
+    b = windows.sample(4000, np.random.default_rng(1))  # fresh windows, not the ones it was fitted on
+    y = torch.as_tensor(policy.labels_of(None, b["episode_return"]))
+    x = policy.normalizer.normalize(torch.as_tensor(np.concatenate([b["observations"], b["actions"]], -1)))
+    with torch.no_grad():
+        p = policy.classifier.logits(x).softmax(-1)
+    conf, pred = p.max(-1)
+    assert (pred == y).float().mean() > 0.8
+    # expected calibration error over 10 confidence bins: confidence matches accuracy
+    bins = torch.clamp((conf * 10).long(), max=9)
+    ece = sum(((bins == k).float().mean() * ((pred == y)[bins == k].float().mean() - conf[bins == k].mean()).abs())
+              for k in range(10) if (bins == k).any())
+    assert float(ece) < 0.08, float(ece)
+    assert policy.classifier_report["val_nll_calibrated"] <= policy.classifier_report["val_nll_raw"] + 1e-6
+
+
+def test_return_conditioned_finetuning_lowers_the_loss_and_raises_p_top(return_ctrl):
+    from diffplan.train import TrainConfig, Trainer
+
+    policy, data = return_ctrl
+    policy = copy.deepcopy(policy)
+    sampler = policy.batches(data, 64)
+    probe = {k: torch.as_tensor(v) for k, v in sampler(0, np.random.default_rng(7)).items()}
+
+    def probe_loss():
+        torch.manual_seed(3)  # the same start noise and truncation point before and after
+        with torch.no_grad():
+            loss, logs = policy.loss(probe)
+        return float(loss), float(logs["log_p"])
+
+    before, log_p_before = probe_loss()
+    Trainer(policy, sampler, TrainConfig(steps=60, batch_size=64, lr=3e-3, warmup_steps=2, grad_clip=5.0,
+                                         ema_decay=0.0, progress=False, log_every=1000)).fit()
+    after, log_p_after = probe_loss()
+    assert after < before - 0.05, (before, after)
+    assert log_p_after > log_p_before
+
+
+def test_return_conditioned_plans_repeat_with_the_seed_and_do_not_depend_on_the_batch(return_ctrl):
+    policy, data = return_ctrl
+    policy = copy.deepcopy(policy).eval()
+    policy.config.eta = 1.0
+    obs = data.observations[[0, 45, 130]]
+    runs = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        policy.reset(seed=7)
+        runs.append(policy.act(obs))
+    np.testing.assert_array_equal(*runs)
+    for i in range(3):
+        policy.reset(seed=[7 + i])
+        np.testing.assert_allclose(policy.act(obs[i: i + 1])[0], runs[0][i], atol=1e-4)
+
+
+def test_ctrl_starts_from_the_unguided_trajectory_model_of_a_value_guided_diffuser():
+    from diffplan.policies import DiffuserConfig, DiffuserPlanner
+
+    torch.manual_seed(0)
+    data = _skill_dataset(episodes=10)
+    guided = DiffuserPlanner.from_dataset(data, DiffuserConfig(horizon=8, dim=8, dim_mults=(1, 2), with_actions=True,
+                                                               value_guided=True))
+    with pytest.raises(ValueError, match="unguided"):
+        CTRLPlanner.from_pretrained(guided, data, CTRLConfig(label_kind="return_bucket", classifier_steps=1))
+    base = guided.unguided()
+    assert base.value is None and not base.config.value_guided
+    x, t = torch.randn(2, 8, 4), torch.rand(2)
+    assert torch.equal(base.net(x, t), guided.net(x, t))
+    for key, value in guided.normalizer.state_dict().items():
+        assert torch.equal(base.normalizer.state_dict()[key], value)
+
+
+def test_a_return_level_target_asks_for_the_bucket_that_holds_it(return_ctrl):
+    policy, _ = return_ctrl
+    edges = policy.bucket_edges.tolist()
+    levels = [edges[0] - 1.0, (edges[0] + edges[1]) / 2, (edges[1] + edges[2]) / 2, edges[2] + 1.0]
+    assert [int(policy.target_labels(v, 1, None)[0]) for v in levels] == [0, 1, 2, 3]
+    assert policy.target_labels([levels[3], "b0"], 2, None).tolist() == [3, 0]
+    with pytest.raises(ValueError, match="unknown target"):
+        policy.target_labels("b9", 1, None)

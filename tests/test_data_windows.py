@@ -152,3 +152,13 @@ def test_termination_penalty_lowers_the_value_of_windows_before_a_terminal_step(
     assert w[3]["value"][0] == pytest.approx(20.0)  # a timeout is not penalised
     np.testing.assert_allclose(w[0]["returns_to_go"][:, 0], [2.75 - 25, 3.5 - 50])
     assert w[0]["rewards"][:, 0].tolist() == [1, 2]  # the rewards themselves are left as they are
+
+
+def test_episode_return_is_the_whole_episodes_undiscounted_return_for_every_window():
+    data = many_short_episodes()
+    windows = SequenceWindows(data, 4, pad=True, episode_return=True, discount=0.5)
+    b = windows.get_batch(np.arange(len(windows)))
+    episode = b["observations"][:, 0, 0].astype(int)  # column 0: the episode index
+    totals = np.array([data.rewards[s:e].sum() for s, e in zip(data.episode_starts, data.episode_ends)])
+    np.testing.assert_allclose(b["episode_return"][:, 0], totals[episode], rtol=1e-5, atol=1e-5)
+    assert "value" not in b and "episode_return" not in SequenceWindows(data, 4, pad=True).sample(3, np.random.default_rng(0))

@@ -33,6 +33,8 @@ class SequenceWindows:
             of its episode (0 on padding);
         ``value``: (1,) if asked, the discounted return from the window's first step to the
             episode's end (Diffuser's value target);
+        ``episode_return``: (1,) if asked, the undiscounted return of the window's whole episode
+            (the return level of the behavior that made it; no time-left dependence);
         ``termination_penalty`` (None: none) is added to the reward of every terminal step (an
         episode that ended by ``terminals``, not by a timeout) in both, as Diffuser's -100;
         ``goal``: (goal_dim,) if asked, the dataset goal at the window's first step.
@@ -46,7 +48,7 @@ class SequenceWindows:
                  pad_obs_fn: Callable[[np.ndarray, np.ndarray | None], np.ndarray] | None = None,
                  returns_to_go: bool = False, value: bool = False, discount: float = 0.99,
                  goal: bool = False, normalizers: Mapping[str, object] | None = None,
-                 stride: int = 1, termination_penalty: float | None = None):
+                 stride: int = 1, termination_penalty: float | None = None, episode_return: bool = False):
         if not isinstance(horizon, (int, np.integer)) or horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
         if not isinstance(stride, (int, np.integer)) or stride < 1:
@@ -117,6 +119,8 @@ class SequenceWindows:
             if termination_penalty is not None:
                 rewards = rewards + termination_penalty * np.asarray(dataset.terminals, dtype=bool)
             self._rtg = discounted_returns(rewards, ends, self.discount)
+        self._episode_return = (np.add.reduceat(np.asarray(dataset.rewards, dtype=np.float64), starts)
+                                if episode_return else None)
         self._offsets = np.arange(self.horizon, dtype=np.int64) * self.stride
 
     def __len__(self) -> int:
@@ -153,6 +157,8 @@ class SequenceWindows:
             out["returns_to_go"] = (self._rtg[rows] * real)[..., None].astype(np.float32)
         if self.want_value:
             out["value"] = self._rtg[self.starts[indices], None].astype(np.float32)
+        if self._episode_return is not None:
+            out["episode_return"] = self._episode_return[self.episode_of_window[indices], None].astype(np.float32)
         if self.want_goal:
             out["goal"] = self._arrays["goals"][self.starts[indices]]
         return out

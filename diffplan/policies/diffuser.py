@@ -18,6 +18,8 @@ How it acts
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 from dataclasses import dataclass, field
 
@@ -146,6 +148,16 @@ class DiffuserPlanner(PolicyBase):
             windows = policy._windows(dataset)
             v = windows.sample(min(len(windows), 50_000), np.random.default_rng(0))["value"]
             policy.value_scale.fill_(float(np.abs(v).max()) or 1.0)
+        return policy
+
+    def unguided(self) -> "DiffuserPlanner":
+        """This planner without its value net: the same trajectory model (whose U-Net never sees the
+        value net; the two train side by side) and normalizer, planning unguided. CTRL's pretrained
+        base on reward tasks is this."""
+        config = dataclasses.replace(self.config, value_guided=False, critic=None)
+        policy = type(self)(config, self.spec).to(self.device)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("value.")}
+        policy.load_state_dict(state)
         return policy
 
     def _goal_states_np(self, goals: np.ndarray) -> np.ndarray:

@@ -14,7 +14,8 @@ What it trains
     1. ``LabelClassifier`` ``p_hat(y | x0)``: an MLP over the flattened normalized window, trained
        with cross-entropy on clean offline windows and temperature-calibrated on a held-out split.
        Labels: ``end_cell`` (mazes: the free cell the window ends in) or ``return_bucket`` (reward
-       tasks: quantile bucket of the window's discounted return).
+       tasks: ``n_buckets`` quantile buckets of the window's discounted return to go, or with
+       ``return_kind: episode`` of its whole episode's return).
     2. ``AdaptedDenoiser``: the frozen pretrained net with a zero-initialized label embedding added
        to its noise-level embedding, plus a zero-initialized residual side network (an MLP
        denoiser conditioned on the label). At init it is bit-identical to the pretrained net;
@@ -36,10 +37,13 @@ What it trains
        (``rest_fraction``). ``reward_temperature`` softens the classifier's logits in the reward.
 
 How it acts
-    Like Diffuser: the current state is inpainted, a plan is sampled with the K-step stochastic
-    DDIM chain of the adapted model for the requested label, and a PD controller tracks it. The
+    Like Diffuser: the current state is inpainted, a plan is sampled with the K-step DDIM chain
+    of the adapted model for the requested label, and a PD controller tracks it (or, with the
+    base's ``action_mode: plan``, its planned action is executed). The
     label comes from ``config.target`` or ``act(obs, target=...)``: a label name (``"r1c1"``,
-    ``"top"``), an index, ``"goal"`` (mazes: the cell of ``obs["desired_goal"]``) or one per env.
+    ``"top"``, ``"b0"``), an index, a return level (a float: the bucket holding it), ``"goal"``
+    (mazes: the cell of ``obs["desired_goal"]``) or one per env. Plans use ``eta`` (1: the
+    stochastic chain finetuning trains; 0: deterministic DDIM on the same denoisers).
     ``config.sampler`` also gives the two baselines with the same classifier and base model:
     ``"pretrained"`` (adapter off) and ``"classifier_guidance"`` (gradient of ``log p_hat(y|x_t)``).
 
@@ -83,6 +87,7 @@ from diffplan.runtime.planner import PlannerConfig
 LABEL_KINDS = ("end_cell", "return_bucket")
 SAMPLERS = ("ctrl", "pretrained", "classifier_guidance")
 LABEL_SAMPLINGS = ("data", "uniform", "target")
+RETURN_KINDS = ("discounted", "episode")
 
 
 @dataclass
@@ -91,11 +96,17 @@ class CTRLConfig:
     base_checkpoint: str | None = None  # where the pretrained planner is loaded from (from_dataset)
     label_kind: str = "end_cell"  # "end_cell" (mazes) | "return_bucket" (reward tasks)
     label_names: tuple[str, ...] = ()  # filled by from_dataset, e.g. ("r1c1", ...) or ("b0", .., "top")
-    n_buckets: int = 4  # return_bucket only
-    target: str = "goal"  # default requested label: a name, "goal" (mazes), or "top" (best return bucket)
+    n_buckets: int = 4  # return_bucket only: quantile buckets of the windows' returns
+    return_kind: str = "discounted"  # return_bucket: "discounted" (the window's discounted return to go,
+    # Diffuser's value target) or "episode" (the return of the window's whole episode: the return level
+    # of the behavior that made it, which a window shows without knowing how much time is left)
+    target: str | float = "goal"  # default requested label: a name, "goal" (mazes), "top" (best return bucket),
+    # or a return level (a float, in the units of return_kind), which asks for the bucket holding it
     sampler: str = "ctrl"  # "ctrl" | "pretrained" | "classifier_guidance"
     steps: int = 10  # K stochastic DDIM steps (eta=1), in planning (and finetuning unless finetune_steps)
     finetune_steps: int = 0  # K of the finetuning chain; 0: the same as steps
+    eta: float = 1.0  # planning only: 1 samples the stochastic chain that finetuning trains, 0 runs DDIM
+    # deterministically on the same denoisers (one plan per state, as the locomotion Diffusers plan)
     alpha: float = 0.1  # KL weight (the reward log p_hat has weight 1)
     truncate: bool = True  # backprop through the chain from a random step on (when grad_steps is 0)
     grad_steps: int = 0  # > 0: backprop only through the last grad_steps steps, earlier ones without grad (DRaFT-K)
@@ -124,6 +135,8 @@ class CTRLConfig:
             raise ValueError(f"label_kind must be one of {LABEL_KINDS}, got {self.label_kind!r}")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
+        if self.return_kind not in RETURN_KINDS:
+            raise ValueError(f"return_kind must be one of {RETURN_KINDS}, got {self.return_kind!r}")
         if self.label_sampling not in LABEL_SAMPLINGS:
             raise ValueError(f"label_sampling must be one of {LABEL_SAMPLINGS}, got {self.label_sampling!r}")
         if not 0.0 <= self.target_fraction <= 1.0:
@@ -416,7 +429,7 @@ class CTRLPlanner(PolicyBase):
                         ) -> CTRLPlanner:
         """Adapter around ``base`` (copied, frozen) and a classifier fitted on ``dataset``'s windows."""
         if base.config.value_guided:
-            raise ValueError("CTRL starts from a Diffuser without value guidance")
+            raise ValueError("CTRL starts from a Diffuser without value guidance: pass base.unguided()")
         if base.spec.goal_dim and base.config.inpaint_goal and config.label_kind == "end_cell":
             import warnings
 
@@ -459,8 +472,15 @@ class CTRLPlanner(PolicyBase):
         cfg = self.config.base
         keys = ("observations", "actions") if cfg.with_actions else ("observations",)
         pad_fn = rest_at_goal_pad if cfg.pad and dataset.goals is not None else None
+        returns = self.config.label_kind == "return_bucket"
+        episode = returns and self.config.return_kind == "episode"
         return SequenceWindows(dataset, cfg.horizon, keys=keys, pad=cfg.pad, pad_obs_fn=pad_fn,
-                               value=self.config.label_kind == "return_bucket", discount=cfg.discount)
+                               value=returns and not episode, episode_return=episode, discount=cfg.discount)
+
+    @staticmethod
+    def _returns(b: dict) -> np.ndarray | None:
+        """The returns a window batch is labelled by (``value`` or ``episode_return``), if any."""
+        return b.get("value", b.get("episode_return"))
 
     def _labelled_windows(self, dataset, n: int, rng, fit: bool = False):
         """``n`` normalized windows (n, H, D) and their labels (n,)."""
@@ -471,8 +491,8 @@ class CTRLPlanner(PolicyBase):
             x = np.concatenate([x, b["actions"]], -1)
         if self.config.label_kind == "return_bucket" and fit:
             qs = np.linspace(0, 1, self.config.n_buckets + 1)[1:-1]
-            self.bucket_edges.copy_(torch.as_tensor(np.quantile(b["value"].reshape(-1), qs), dtype=torch.float32))
-        y = self.labels_of(x, b.get("value"))
+            self.bucket_edges.copy_(torch.as_tensor(np.quantile(self._returns(b).reshape(-1), qs), dtype=torch.float32))
+        y = self.labels_of(x, self._returns(b))
         keep = y >= 0
         return self.normalizer.normalize(torch.as_tensor(x[keep])), torch.as_tensor(y[keep])
 
@@ -510,7 +530,7 @@ class CTRLPlanner(PolicyBase):
             x = b["observations"]
             if self.config.base.with_actions:
                 x = np.concatenate([x, b["actions"]], -1)
-            return x, b.get("value")
+            return x, self._returns(b)
 
         def reaching(n: int, rng: np.random.Generator) -> np.ndarray:
             """Starts (n, D) of data windows whose label is the target."""
@@ -564,7 +584,7 @@ class CTRLPlanner(PolicyBase):
         return super().act(obs, budget_ms)
 
     def target_labels(self, target, batch: int, goal: torch.Tensor | None) -> torch.Tensor:
-        """Requested labels (B,) long."""
+        """Requested labels (B,) long. A float target is a return level: the bucket that holds it."""
         names = self.config.label_names
         if isinstance(target, (list, tuple, np.ndarray, torch.Tensor)) and not isinstance(target, str):
             labels = [int(self.target_labels(t, 1, None if goal is None else goal[i: i + 1])[0])
@@ -579,6 +599,11 @@ class CTRLPlanner(PolicyBase):
             if (y < 0).any():
                 raise ValueError("desired_goal lies in a wall cell")
             return torch.as_tensor(y, device=self.device)
+        if isinstance(target, float) or (isinstance(target, torch.Tensor) and target.is_floating_point()):
+            if self.config.label_kind != "return_bucket":
+                raise ValueError(f"a return level ({float(target)}) needs return_bucket labels; labels are "
+                                 f"{', '.join(names)}")
+            target = int(return_bucket_labels(np.array([float(target)]), self.bucket_edges.cpu().numpy())[0])
         if isinstance(target, str):
             if target not in names:
                 raise ValueError(f"unknown target {target!r}; labels are {', '.join(names)} (or 'goal' for mazes)")
@@ -611,7 +636,7 @@ class CTRLPlanner(PolicyBase):
             if cfg.sampler == "classifier_guidance":
                 guidance = ValueGuidance(lambda x, t: self.classifier.log_prob(x, labels.clone()), scale=cfg.guide_scale,
                                          n_guide_steps=cfg.n_guide_steps, t_stopgrad=0.0)
-        return sample(denoise, x_init, schedule=self.schedule, solver="ddim", eta=1.0, steps=steps, t_start=t_start,
+        return sample(denoise, x_init, schedule=self.schedule, solver="ddim", eta=cfg.eta, steps=steps, t_start=t_start,
                       constraints=self.constraints(obs), guidance=guidance, noise_prior=False, generator=generator)
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
