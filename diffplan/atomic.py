@@ -19,15 +19,25 @@ from pathlib import Path
 _LEFTOVER_RE = re.compile(r"^\.(tmp|old)-(.+)-(\d+)$")
 
 
-def write_file(path: Path, text: str) -> None:
-    """Replace the file `path` by `text` whole: written to a hidden sibling, then renamed over it."""
+def replace_file(path: Path, write: Callable[[Path], None]) -> None:
+    """Replace the file `path` whole: ``write(tmp)`` fills a hidden sibling ``.<name>.tmp-<pid>``
+    (the name keeps `path`'s suffix last, for writers that add one), which is fsynced and renamed
+    over `path`. Readers see the old file or the new one, never part of one; if ``write`` raises,
+    the sibling is removed and `path` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_file(path: Path, text: str) -> None:
+    """Replace the file `path` by `text` whole (see `replace_file`)."""
+    replace_file(path, lambda tmp: tmp.write_text(text))
 
 
 def temp_sibling(dest: Path) -> Path:

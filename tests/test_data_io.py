@@ -265,3 +265,29 @@ def test_minari_metadata_is_checked_against_the_file(minari_root, damage, messag
         with pytest.raises(DatasetError, match=f"'diffplan/damaged-v0' {message}.*{fix}"):
             load(source)
     assert not minari_dataset_exists("diffplan/damaged-v0", complete_only=True)
+
+
+@pytest.mark.parametrize("fmt", ["npz", "hdf5"])
+def test_a_write_that_fails_midway_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch, fmt):
+    from diffplan.data import from_npz
+
+    old, new = goal_dataset(seed=0), goal_dataset(seed=1)
+    path = tmp_path / f"d.{fmt}"
+    write = (lambda d: d.to_npz(path)) if fmt == "npz" else (lambda d: d.to_d4rl_hdf5(path))
+    read = from_npz if fmt == "npz" else from_d4rl_hdf5
+    write(old)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    if fmt == "npz":
+        monkeypatch.setattr(np, "savez", disk_full)
+    else:
+        monkeypatch.setattr(h5py.Group, "create_dataset", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        write(new)
+    monkeypatch.undo()
+    assert_same(old, read(path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    write(new)
+    assert_same(new, read(path))

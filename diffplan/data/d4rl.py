@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffplan import atomic
 from diffplan.data.dataset import METADATA_KEYS, DatasetError, OfflineDataset
 
 REQUIRED_KEYS = ("observations", "actions", "rewards", "terminals")
@@ -59,17 +60,19 @@ def to_d4rl_hdf5(data: OfflineDataset, path: str | os.PathLike) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with h5py.File(tmp, "w") as file:
-        for key in ("observations", "actions", "rewards", "terminals", "timeouts",
-                    "next_observations"):
-            value = getattr(data, key)
-            if value is not None:
-                file.create_dataset(key, data=value)
-        if data.goals is not None:
-            file.create_dataset("infos/goal", data=data.goals)
-        file.attrs[_META_ATTR] = json.dumps(data.metadata())
-    os.replace(tmp, path)  # readers never see a half-written file
+
+    def write(tmp: Path) -> None:
+        with h5py.File(tmp, "w") as file:
+            for key in ("observations", "actions", "rewards", "terminals", "timeouts",
+                        "next_observations"):
+                value = getattr(data, key)
+                if value is not None:
+                    file.create_dataset(key, data=value)
+            if data.goals is not None:
+                file.create_dataset("infos/goal", data=data.goals)
+            file.attrs[_META_ATTR] = json.dumps(data.metadata())
+
+    atomic.replace_file(path, write)  # readers never see a half-written file
 
 
 def _read(file, key: str, path: Path) -> np.ndarray:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from diffplan import atomic
 from diffplan.data.dataset import (
     ARRAY_KEYS,
     METADATA_KEYS,
@@ -52,6 +53,5 @@ def to_npz(data: OfflineDataset, path: str | os.PathLike) -> None:
         path = path.with_name(path.name + ".npz")
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {key: getattr(data, key) for key in ARRAY_KEYS if getattr(data, key) is not None}
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **arrays, **{_META_KEY: np.array(json.dumps(data.metadata()))})
-    os.replace(tmp, path)
+    meta = {_META_KEY: np.array(json.dumps(data.metadata()))}
+    atomic.replace_file(path, lambda tmp: np.savez(tmp, **arrays, **meta))  # never a half-written file
