@@ -155,3 +155,31 @@ def test_diffuser_keeps_the_candidate_plan_of_highest_q_of_the_first_action():
     assert stub.calls == 1
     assert (cands[:, 0] - cands[:, 2]).abs().amax() > 1e-3
     torch.testing.assert_close(chosen, cands[:, 2], atol=1e-4, rtol=1e-4)
+
+
+def test_trajectory_diffuser_refines_its_draft_n_times_and_keeps_the_plan_of_highest_q():
+    from test_trajectory_diffuser import loco_dataset, tiny
+
+    from diffplan.policies.trajectory_diffuser import TrajectoryDiffuser
+
+    torch.manual_seed(0)
+    data = loco_dataset()
+    policy = TrajectoryDiffuser.from_dataset(data, tiny(action_mode="inverse", n_candidates=4, noise_draft=False)).eval()
+    g = torch.Generator().manual_seed(0)
+    obs, noise = torch.as_tensor(data.observations[[0, 60]]), torch.randn(2, 4, 16, 3, generator=g)
+    with pytest.raises(ConfigError, match="needs a critic"):
+        policy.plan(obs, None, noise)
+    with torch.inference_mode():
+        policy.config.n_candidates = 1  # each candidate alone: the draft refined from its noise, noised
+        policy.config.noise_draft = True
+        cands = torch.stack([policy.plan(obs, None, noise[:, j]) for j in range(4)], 1)  # (B, n, H, D)
+        zero = torch.zeros(2, dtype=torch.long)
+        firsts = torch.stack([policy.action_to_env(policy.action_at(cands[:, j], zero, obs, None))
+                              for j in range(4)], 1)
+        stub = StubCritic(firsts[:, 1, :1].clone())  # prefers, per env, candidate 1's first action
+        policy.config.n_candidates, policy.config.noise_draft = 4, False  # candidates are noised regardless
+        policy.use_critic(stub)
+        chosen = policy.plan(obs, None, noise)
+    assert stub.calls == 1  # one batched Q call for all envs and candidates
+    assert (cands[:, 0] - cands[:, 1]).abs().amax() > 1e-3
+    torch.testing.assert_close(chosen, cands[:, 1], atol=1e-4, rtol=1e-4)

@@ -238,7 +238,7 @@ class DiffuserPlanner(PolicyBase):
         n = self.noise_samples
         if n > 1:  # n candidate plans per env, keep the best (by the critic, else by V)
             obs0 = obs
-            obs, noise = obs.repeat_interleave(n, 0), _candidates(noise, n, generator)
+            obs, noise = obs.repeat_interleave(n, 0), candidate_noise(noise, n, generator)
             goal = None if goal is None else goal.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
         a, s = noise_level(self.schedule, t_start)  # cached floats
@@ -362,7 +362,7 @@ def pd_tracking(normalizer, plans: torch.Tensor, index: torch.Tensor, obs: torch
     return kp * (wp[:, :k] - obs[:, :k]) + kd * (vel - obs[:, k: 2 * k])
 
 
-def _candidates(noise: torch.Tensor, n: int, generator=None) -> torch.Tensor:
+def candidate_noise(noise: torch.Tensor, n: int, generator=None) -> torch.Tensor:
     """Noise of n candidate plans per env, flattened to (B n, H, D). ``noise`` is (B, n, H, D)
     (the planner draws it from each env's generator) or (B, H, D): then it is the first
     candidate and the other n-1 come from ``generator`` (one per env, or one; None: torch's global one)."""

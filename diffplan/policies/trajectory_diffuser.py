@@ -70,6 +70,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffplan.config import ConfigError
 from diffplan.data import (
     GaussianNormalizer,
     LimitsNormalizer,
@@ -89,6 +90,7 @@ from diffplan.nn.causal_transformer import CausalTransformer, CausalTransformerC
 from diffplan.policies.base import PolicyBase, SpaceSpec, register_policy
 from diffplan.policies.diffuser import (
     SCHEDULES,
+    candidate_noise,
     check_tracking,
     goal_rest_states,
     pd_tracking,
@@ -157,6 +159,12 @@ class TrajectoryDiffuserConfig:
     # U-Net becomes the refiner, frozen and unconditional (the goal is imposed by inpainting alone):
     # only the drafter is trained, and TD and Diffuser then differ by the draft alone
     refiner_from: str | None = None
+    # candidate plans, as the reference code's 32 batched drafts scored by a learned Q: each env's draft
+    # is refined n_candidates times with different noise (always noised: the draft itself is
+    # deterministic) and the plan whose first action (as executed) has the highest Q of `critic` (a
+    # `kind: critic` checkpoint, or `use_critic(...)`) is kept; 1: one plan, no critic
+    n_candidates: int = 1
+    critic: str | None = None
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=100_000))
 
     def __post_init__(self):
@@ -171,6 +179,8 @@ class TrajectoryDiffuserConfig:
         check_tracking(self.plan_stride, self.track_speed, self.action_mode)
         if not 0.0 < self.t_start <= 1.0:
             raise ValueError(f"t_start must be in (0, 1], got {self.t_start}")
+        if self.n_candidates < 1:
+            raise ValueError(f"n_candidates must be >= 1, got {self.n_candidates}")
         if self.inverse_t_start is not None and not 0.0 < self.inverse_t_start <= 1.0:
             raise ValueError(f"inverse_t_start must be in (0, 1] or null, got {self.inverse_t_start}")
         if not 0.0 < self.train_t_max <= 1.0:
@@ -478,7 +488,7 @@ class TrajectoryDiffuser(PolicyBase):
         ``t_start`` (default the config's). Warm (``warm``: the shifted previous plan): refine
         it instead of a draft. ``steps=0`` returns the constrained draft (or warm plan)."""
         cfg = self.config
-        if noise.shape[1:] != self.plan_shape:
+        if tuple(noise.shape[-2:]) != self.plan_shape:
             raise ValueError(f"noise must have shape (B, {self.plan_shape[0]}, {self.plan_shape[1]}), got {tuple(noise.shape)}")
         steps = cfg.refine_steps if steps is None else steps
         t_start = cfg.t_start if t_start is None else float(t_start)
@@ -487,8 +497,31 @@ class TrajectoryDiffuser(PolicyBase):
         cond = self.condition(obs, goal)
         constraints = self.constraints(obs, goal)
         x = constraints.apply(self.draft(obs, cond) if warm is None else warm)
-        return self.refine(x, cond, constraints, noise, t_start=t_start, steps=steps,
-                           noised=cfg.noise_draft or warm is not None, generator=generator)
+        n = self.noise_samples
+        if n == 1:
+            return self.refine(x, cond, constraints, noise, t_start=t_start, steps=steps,
+                               noised=cfg.noise_draft or warm is not None, generator=generator)
+        critic = self.reranker()
+        if critic is None:
+            raise ConfigError(f"n_candidates: {n} needs a critic to pick among them (critic: <checkpoint>)")
+        from diffplan.policies.critic import rerank
+
+        def rep(v):
+            return None if v is None else v.repeat_interleave(n, 0)
+
+        obs_n, goal_n = rep(obs), rep(goal)  # each env's draft, refined n times with different noise
+        plans = self.refine(rep(x), rep(cond), self.constraints(obs_n, goal_n), candidate_noise(noise, n, generator),
+                            t_start=t_start, steps=steps, noised=True, generator=generator)
+        zero = torch.zeros(plans.shape[0], dtype=torch.long, device=plans.device)
+        firsts = self.action_to_env(self.action_at(plans, zero, obs_n, goal_n))
+        pick = rerank(critic, obs, firsts.view(obs.shape[0], n, -1))
+        return plans[pick + torch.arange(0, plans.shape[0], n, device=plans.device)]
+
+    @property
+    def noise_samples(self) -> int:
+        """Candidate plans per env (``n_candidates``): the runtime draws their noise from each
+        env's own generator."""
+        return self.config.n_candidates
 
     def refine(self, x, cond, constraints, noise, *, t_start: float, steps: int, noised: bool = True,
                generator=None):
