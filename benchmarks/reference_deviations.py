@@ -6,7 +6,11 @@ tuning seeds (reset seeds 1000+), with BC in the same run.
 * ``--anchored TASK [TASK ...]``: the shipped anchored policy at each ``--t-starts`` fraction of
   its truncation level, and warm-started (``runtime.warm_start``) at each ``--t-warms`` fraction;
   with ``--critic CKPT`` (a ``kind: critic`` checkpoint, e.g. ``configs/critic/hopper-medium.yaml``
-  trained), also reranked by Q(s, first action) instead of its classifier (``critic:``).
+  trained), also reranked by Q(s, first action) instead of its classifier (``critic:``);
+* ``--rerank TASK`` with ``--critic CKPT``: reranking A/B of the Trajectory Diffuser (as shipped;
+  its draft refined once from noise, the control; and ``--candidates`` noised refinements picked by
+  Q) and of the Diffuser (as shipped at temperature 0; temperature 1 with 8 candidates picked by V,
+  the reference's selection; and the same candidates picked by Q).
 
 Each setting is a dotted override of the loaded policy's config (nothing is written into the
 checkpoints). One JSON row per setting goes to ``outputs/benchmarks/reference_deviations.json``
@@ -74,6 +78,19 @@ def settings(args) -> list[tuple[str, str, str, dict]]:
                 for f in args.warm_t_starts for w in args.t_warms]
         if args.critic:
             out.append((task, "anchored", f"critic rerank ({args.critic.name})", {"critic": str(args.critic.resolve())}))
+    if args.rerank:
+        if not args.critic:
+            raise SystemExit("--rerank needs --critic CKPT")
+        task, critic = args.rerank, str(args.critic.resolve())
+        out.append((task, "bc", "BC", {}))
+        out.append((task, "trajectory_diffuser", "shipped (one plan)", {}))
+        out.append((task, "trajectory_diffuser", "one plan, noised draft (the control)", {"noise_draft": True}))
+        out += [(task, "trajectory_diffuser", f"{k} noised refinements, critic rerank",
+                 {"n_candidates": k, "critic": critic}) for k in args.candidates]
+        out.append((task, "diffuser", "shipped (temperature 0, one plan)", {}))
+        out.append((task, "diffuser", "temperature 1, 8 candidates by V", {"temperature": 1.0, "n_samples": 8}))
+        out.append((task, "diffuser", "temperature 1, 8 candidates, critic rerank",
+                    {"temperature": 1.0, "n_samples": 8, "critic": critic}))
     return out
 
 
@@ -91,6 +108,8 @@ def main() -> int:
     p.add_argument("--warm-t-starts", type=float, nargs="*", default=[1.0, 0.16])
     p.add_argument("--t-warms", type=float, nargs="+", default=[0.5])
     p.add_argument("--critic", type=Path, help="anchored: also rerank by this critic checkpoint's Q")
+    p.add_argument("--rerank", metavar="TASK", help="TD and Diffuser reranking A/B (needs --critic)")
+    p.add_argument("--candidates", type=int, nargs="+", default=[8, 32])
     p.add_argument("--episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=1000, help="first tuning seed (default 1000)")
     p.add_argument("--record-json", type=Path, help="record the rows of an earlier run instead of measuring")
