@@ -141,6 +141,18 @@ def rerank(critic, obs: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     return q.reshape(b, k).argmax(-1)
 
 
+def best_candidates(policy, critic, plans: torch.Tensor, obs: torch.Tensor, goal: torch.Tensor | None) -> torch.Tensor:
+    """Of ``n`` candidate plans per env (``plans`` (B n, H, D), each env's n in a row; ``goal`` repeated
+    the same way or None), the one whose first action, as ``policy`` would execute it (clipped, through
+    ``action_at``), has the highest Q of ``critic`` at ``obs`` (B, obs_dim) -> (B, H, D)."""
+    b = obs.shape[0]
+    n = plans.shape[0] // b
+    zero = torch.zeros(plans.shape[0], dtype=torch.long, device=plans.device)
+    firsts = policy.action_to_env(policy.action_at(plans, zero, obs.repeat_interleave(n, 0), goal))
+    pick = rerank(critic, obs, firsts.view(b, n, -1))
+    return plans[pick + torch.arange(0, plans.shape[0], n, device=plans.device)]
+
+
 def load_critic(path, device, spec: SpaceSpec | None = None) -> Critic:
     """A ``kind: critic`` checkpoint, on ``device``; one clear line if the path holds another kind
     or (given the policy's ``spec``) other observation / action sizes."""

@@ -18,10 +18,8 @@ How it acts
 """
 from __future__ import annotations
 
-import dataclasses
-
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -154,7 +152,7 @@ class DiffuserPlanner(PolicyBase):
         """This planner without its value net: the same trajectory model (whose U-Net never sees the
         value net; the two train side by side) and normalizer, planning unguided. CTRL's pretrained
         base on reward tasks is this."""
-        config = dataclasses.replace(self.config, value_guided=False, critic=None)
+        config = replace(self.config, value_guided=False, critic=None)
         policy = type(self)(config, self.spec).to(self.device)
         state = {k: v for k, v in self.state_dict().items() if not k.startswith("value.")}
         policy.load_state_dict(state)
@@ -255,13 +253,10 @@ class DiffuserPlanner(PolicyBase):
         if n > 1:
             critic = self.reranker()
             if critic is not None:  # Q(s, first action) of every candidate, as it would be executed
-                from diffplan.policies.critic import rerank
+                from diffplan.policies.critic import best_candidates
 
-                zero = torch.zeros(plans.shape[0], dtype=torch.long, device=plans.device)
-                firsts = self.action_to_env(self.action_at(plans, zero, obs, goal))
-                pick = rerank(critic, obs0, firsts.view(obs0.shape[0], n, -1))
-            else:
-                pick = self.value(plans, torch.zeros(plans.shape[0], device=plans.device)).view(-1, n).argmax(1)
+                return best_candidates(self, critic, plans, obs0, goal)
+            pick = self.value(plans, torch.zeros(plans.shape[0], device=plans.device)).view(-1, n).argmax(1)
             plans = plans[pick + torch.arange(0, plans.shape[0], n, device=plans.device)]
         return plans
 

@@ -504,18 +504,15 @@ class TrajectoryDiffuser(PolicyBase):
         critic = self.reranker()
         if critic is None:
             raise ConfigError(f"n_candidates: {n} needs a critic to pick among them (critic: <checkpoint>)")
-        from diffplan.policies.critic import rerank
+        from diffplan.policies.critic import best_candidates
 
         def rep(v):
             return None if v is None else v.repeat_interleave(n, 0)
 
-        obs_n, goal_n = rep(obs), rep(goal)  # each env's draft, refined n times with different noise
-        plans = self.refine(rep(x), rep(cond), self.constraints(obs_n, goal_n), candidate_noise(noise, n, generator),
+        goal_n = rep(goal)  # each env's draft, refined n times with different noise
+        plans = self.refine(rep(x), rep(cond), self.constraints(rep(obs), goal_n), candidate_noise(noise, n, generator),
                             t_start=t_start, steps=steps, noised=True, generator=generator)
-        zero = torch.zeros(plans.shape[0], dtype=torch.long, device=plans.device)
-        firsts = self.action_to_env(self.action_at(plans, zero, obs_n, goal_n))
-        pick = rerank(critic, obs, firsts.view(obs.shape[0], n, -1))
-        return plans[pick + torch.arange(0, plans.shape[0], n, device=plans.device)]
+        return best_candidates(self, critic, plans, obs, goal_n)
 
     @property
     def noise_samples(self) -> int:

@@ -151,6 +151,8 @@ class CTRLConfig:
             raise ValueError("rest_fraction needs a maze task (end_cell labels: observations are position, velocity)")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"eta must be in [0, 1], got {self.eta}")
         if self.finetune_steps < 0:
             raise ValueError(f"finetune_steps must be >= 0 (0: steps), got {self.finetune_steps}")
         k = self.finetune_steps or self.steps
@@ -603,7 +605,8 @@ class CTRLPlanner(PolicyBase):
             if self.config.label_kind != "return_bucket":
                 raise ValueError(f"a return level ({float(target)}) needs return_bucket labels; labels are "
                                  f"{', '.join(names)}")
-            target = int(return_bucket_labels(np.array([float(target)]), self.bucket_edges.cpu().numpy())[0])
+            level = torch.full((batch,), float(target), device=self.device, dtype=self.bucket_edges.dtype)
+            return torch.searchsorted(self.bucket_edges, level, right=True)  # as return_bucket_labels, no host copy
         if isinstance(target, str):
             if target not in names:
                 raise ValueError(f"unknown target {target!r}; labels are {', '.join(names)} (or 'goal' for mazes)")
