@@ -23,7 +23,10 @@ def machine() -> str:
 
 
 def commit() -> str:
-    """Short HEAD, with ``+dirty`` when diffplan/ or envs/ have uncommitted changes."""
+    """Short HEAD, with ``+dirty`` when diffplan/ or envs/ have uncommitted changes
+    (``DIFFPLAN_COMMIT`` when set: a copy of the tree without its git folder, e.g. on a lent GPU)."""
+    if os.environ.get("DIFFPLAN_COMMIT"):
+        return os.environ["DIFFPLAN_COMMIT"]
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
                               cwd=RESULTS.parent).stdout.strip()

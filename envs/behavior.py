@@ -298,9 +298,13 @@ def _log(msg: str) -> None:
 def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int = 10_000,
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
-          learning_starts: int | None = None) -> None:
+          learning_starts: int | None = None, train_freq: int = 1) -> None:
     """Train SB3 SAC on ``env_id`` for ``steps`` env steps, snapshotting the actor. With ``resume``
-    the steps are added to those already trained (SB3 keeps counting from the saved step)."""
+    the steps are added to those already trained (SB3 keeps counting from the saved step).
+
+    ``train_freq``: one gradient step every ``train_freq`` env steps (rl-zoo: 1). A larger value
+    slows learning per env step, so that the medium level is reached at D4RL's replay-buffer sizes
+    (0.2-0.4M steps), and it makes each env step cheaper on a CPU."""
     try:
         import gymnasium as gym
         from stable_baselines3 import SAC
@@ -325,6 +329,9 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
         hp = dict(SAC_HPARAMS)
         if learning_starts is not None:
             hp["learning_starts"] = learning_starts
+        if train_freq < 1:
+            raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
+        hp["train_freq"] = train_freq
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **hp)
     start_step = int(model.num_timesteps)
     progress = out / "progress.csv"
@@ -363,7 +370,8 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
             actor.meta.eval_episodes = eval_episodes
             actor.meta.d4rl_score = score
             actor.meta.d4rl_ref_min, actor.meta.d4rl_ref_max = ref
-            actor.meta.extra = {"algo": "sb3-sac", "seed": seed, "eval_deterministic": True,
+            actor.meta.extra = {"algo": "sb3-sac", "seed": seed, "train_freq": int(self.model.train_freq.frequency),
+                                "eval_deterministic": True,
                                 "eval_seed": 10_000, "eval_max_steps": 1000}
             snap = out / f"step-{n}"
             actor.save(snap)
@@ -403,6 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--learning-starts", type=int, default=None, help="override (smoke tests)")
+    t.add_argument("--train-freq", type=int, default=1, help="env steps per gradient step (rl-zoo: 1)")
     e = sub.add_parser("eval", help="evaluate a shipped actor folder")
     e.add_argument("path")
     e.add_argument("--episodes", type=int, default=5)
@@ -410,7 +419,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     if a.cmd == "train":
         train(a.env, a.steps, a.out, a.snapshot_every, a.seed, a.eval_episodes, a.state_dir,
-              a.resume, a.threads, a.state_every, a.learning_starts)
+              a.resume, a.threads, a.state_every, a.learning_starts, a.train_freq)
     else:
         actor = load_actor(a.path)
         mean, std, rets = evaluate_actor(actor, actor.meta.env_id, a.episodes,

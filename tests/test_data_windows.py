@@ -162,3 +162,27 @@ def test_episode_return_is_the_whole_episodes_undiscounted_return_for_every_wind
     totals = np.array([data.rewards[s:e].sum() for s, e in zip(data.episode_starts, data.episode_ends)])
     np.testing.assert_allclose(b["episode_return"][:, 0], totals[episode], rtol=1e-5, atol=1e-5)
     assert "value" not in b and "episode_return" not in SequenceWindows(data, 4, pad=True).sample(3, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not __import__("torch").cuda.is_available(), reason="needs CUDA"))])
+def test_device_windows_gather_what_the_host_windows_gather(device):
+    import torch
+
+    data = many_short_episodes()
+    fn = lambda last, goal: np.array([goal[0], goal[1], 0.0])
+    for kw in (dict(pad=True, pad_obs_fn=fn, returns_to_go=True, value=True, goal=True, episode_return=True),
+               dict(pad=False, stride=2, keys=("observations", "actions", "rewards"), value=True)):
+        w = SequenceWindows(data, horizon=5, **kw)
+        on = w.to(device)
+        idx = np.random.default_rng(0).integers(0, len(w), size=64)
+        host, dev = w.get_batch(idx), on.get_batch(torch.from_numpy(idx))
+        assert host.keys() == dev.keys()
+        for key in host:
+            assert dev[key].device.type == device and dev[key].dtype == torch.float32, key
+            np.testing.assert_array_equal(dev[key].cpu().numpy(), host[key], err_msg=key)
+        # sample(): the windows named by the indices torch's generator draws, on the device
+        g = torch.Generator(device).manual_seed(5)
+        drawn = torch.randint(len(w), (32,), device=device, generator=torch.Generator(device).manual_seed(5))
+        b = on.sample(32, generator=g)
+        np.testing.assert_array_equal(b["observations"].cpu().numpy(), w.get_batch(drawn.cpu().numpy())["observations"])

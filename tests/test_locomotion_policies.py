@@ -167,3 +167,26 @@ def test_value_guidance_at_the_default_scale_raises_the_plans_value(diffuser):
     gain_small = values[0.1] - values[0.0]
     assert gain_default > 0
     assert abs(gain_small) < 0.2 * gain_default
+
+
+def test_device_side_batches_are_windows_of_the_dataset_and_train_the_diffuser(diffuser, hopper_data, tmp_path):
+    """train.data_on_device: the Diffuser's batches are drawn and gathered by torch on the training
+    device (here the CPU), are real windows of the data, and train; host-only samplers say so."""
+    from diffplan.config import ConfigError
+
+    sample = diffuser.batches(hopper_data, 16, device="cpu")
+    assert sample.device_side
+    torch.manual_seed(3)
+    b = sample(0, None)
+    idx = torch.randint(len(diffuser._windows(hopper_data)), (16,), generator=torch.Generator().manual_seed(3))
+    host = diffuser._windows(hopper_data).get_batch(idx.numpy())
+    np.testing.assert_array_equal(b["x"].numpy(), np.concatenate([host["observations"], host["actions"]], -1))
+    np.testing.assert_array_equal(b["value"].numpy(), host["value"])
+    torch.manual_seed(0)
+    cfg = {"kind": "diffuser", "task": "hopper-medium", "policy": TINY_DIFFUSER,
+           "train": {**TRAIN, "data_on_device": True}}
+    policy = train_policy(cfg, tmp_path / "dev", dataset=hopper_data, progress=False)
+    assert policy.plan_shape == diffuser.plan_shape
+    with pytest.raises(ConfigError, match="a bc policy draws its batches on the host.*diffuser"):
+        train_policy({"kind": "bc", "task": "hopper-medium", "policy": {"hidden": [16]},
+                      "train": {**TRAIN, "data_on_device": True}}, tmp_path / "bc", dataset=hopper_data)

@@ -271,3 +271,89 @@ def test_config_reads_yaml_exponent_strings_and_names_bad_values():
 def test_model_without_loss_is_rejected():
     with pytest.raises(TypeError, match="loss"):
         Trainer(nn.Linear(2, 2), batches, _cfg(), None)
+
+
+# ------------------------------------------------------------------ captured (CUDA-graph) steps
+
+
+def test_the_captured_update_path_trains_exactly_like_the_eager_loop_on_cpu(tmp_path):
+    """EagerStepCapture stands in for a CUDA graph: static batch buffers, the learning rate as a
+    tensor the schedule fills, the warm-up steps, and resume through the captured path. The only
+    difference is float32 rounding: a tensor learning rate is float32, a Python one double."""
+    from diffplan.train import EagerStepCapture
+    from diffplan.train.trainer import GRAPH_WARMUP
+
+    torch.set_num_threads(1)
+    cfg = _cfg(cuda_graph=True)
+    eager = Trainer(Toy(), batches, _cfg(), tmp_path / "eager").fit()
+    cap = EagerStepCapture()
+    captured = Trainer(Toy(), batches, cfg, tmp_path / "cap", capture=cap).fit()
+    _assert_close(eager.state_dict(), captured.state_dict())
+    assert cap.captures == 1 and cap.replays == cfg.steps - GRAPH_WARMUP
+    np.testing.assert_allclose([float(r["loss"]) for r in _read_log(tmp_path / "eager")],
+                               [float(r["loss"]) for r in _read_log(tmp_path / "cap")], rtol=1e-5)
+    state = load_checkpoint(tmp_path / "cap").trainer_state
+    assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])  # JSON, not tensors
+
+    # Resume from step 10 through a new capture: the same weights as the uninterrupted run.
+    shutil.rmtree(tmp_path / "cap" / "checkpoints" / "step-00000020")
+    cap2 = EagerStepCapture()
+    resumed = Trainer(Toy(seed=7), batches, cfg, tmp_path / "cap", capture=cap2).fit(resume=True)
+    _assert_close(captured.state_dict(), resumed.state_dict())
+    assert cap2.captures == 1 and cap2.replays == 10 - GRAPH_WARMUP
+
+
+def _assert_close(a, b):
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+
+
+def test_a_captured_update_refuses_a_batch_of_another_shape():
+    from diffplan.train import EagerStepCapture
+
+    def ragged(step, rng):
+        b = batches(step, rng)
+        return b if step < 5 else {"x": b["x"][:4], "y": b["y"][:4]}
+
+    with pytest.raises(ValueError, match=r"batch\['x'\] has shape \(4, 3\).*\(8, 3\)"):
+        Trainer(Toy(), ragged, _cfg(), capture=EagerStepCapture()).fit()
+
+
+def test_cuda_graph_on_a_cpu_warns_and_trains_eagerly():
+    with pytest.warns(RuntimeWarning, match="not CUDA; training eagerly"):
+        t = Trainer(Toy(), batches, _cfg(cuda_graph=True, steps=4))
+    t.fit()
+    assert t.step == 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_captured_cuda_update_is_a_function_of_the_seed_and_learns():
+    cfg = _cfg(device="cuda", cuda_graph=True, bf16=False, steps=200, log_every=50, ckpt_every=1000)
+    runs = []
+    for _ in range(2):
+        t = Trainer(Toy(), batches, cfg)
+        runs.append(t.fit())
+        assert t._capture is not None
+    _assert_same_tensors(runs[0].state_dict(), runs[1].state_dict())
+    eager = Trainer(Toy(), batches, _cfg(device="cuda", bf16=False, steps=200, ckpt_every=1000)).fit()
+    x, y = torch.from_numpy(_X).cuda(), torch.from_numpy(_Y).cuda()
+    with torch.no_grad():
+        runs[0].eval(), eager.eval()
+        err_cap = (runs[0].net(x) - y).pow(2).mean().item()
+        err_eager = (eager.net(x) - y).pow(2).mean().item()
+    assert err_cap < 0.5 * ((y - y.mean(0)) ** 2).mean().item()  # it learned
+    assert abs(err_cap - err_eager) < 0.5 * err_eager + 0.05  # as well as the eager loop
+
+
+def test_an_update_that_cannot_be_captured_warns_and_trains_eagerly():
+    from diffplan.train import EagerStepCapture
+
+    class Refuses(EagerStepCapture):
+        def capture(self, fn):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    t = Trainer(Toy(), batches, _cfg(steps=8), capture=Refuses())
+    with pytest.warns(RuntimeWarning, match="could not be captured .operation not permitted.*training eagerly"):
+        t.fit()
+    assert t.step == 8

@@ -9,6 +9,9 @@ e.g. the maze ``[goal_xy, 0, 0]``, which teaches "arrive, then rest"), actions a
 zero, other keys repeat their last value, and ``mask`` is 0 there.
 
 All index arithmetic is precomputed, so `sample` gathers a batch with one fancy index per key.
+``windows.to(device)`` puts the arrays on a torch device (a GPU) and gathers batches there, drawn
+with torch's generator: the training loop then copies nothing from the host (and a CUDA graph can
+capture the sampling with the step). Both gather through one function, :func:`_gather`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from diffplan.data.dataset import ARRAY_KEYS, DatasetError, OfflineDataset
 
@@ -137,31 +141,23 @@ class SequenceWindows:
 
     def get_batch(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Windows ``indices: (B,)`` as a dict of arrays with a leading batch axis."""
-        indices = np.asarray(indices, dtype=np.int64)
-        steps = self.starts[indices, None] + self._offsets          # (B, H)
-        ends = self.ends[indices, None]
-        real = steps < ends                                         # (B, H)
-        rows = np.minimum(steps, ends - 1)                          # past the end: last step
-        out: dict[str, np.ndarray] = {}
-        for key in self.keys:
-            x = self._arrays[key][rows]                             # (B, H, dim)
-            if self.pad:
-                if key in _ZERO_PAD_KEYS:
-                    x *= real[..., None]
-                elif key in _OBS_KEYS and self._pad_rows is not None:
-                    pad = self._pad_rows[self.episode_of_window[indices]][:, None, :]
-                    x = np.where(real[..., None], x, pad)
-            out[key] = x
-        out["mask"] = real.astype(np.float32)
-        if self.want_rtg:
-            out["returns_to_go"] = (self._rtg[rows] * real)[..., None].astype(np.float32)
-        if self.want_value:
-            out["value"] = self._rtg[self.starts[indices], None].astype(np.float32)
-        if self._episode_return is not None:
-            out["episode_return"] = self._episode_return[self.episode_of_window[indices], None].astype(np.float32)
-        if self.want_goal:
-            out["goal"] = self._arrays["goals"][self.starts[indices]]
-        return out
+        idx = torch.from_numpy(np.asarray(indices, dtype=np.int64))
+        return {k: v.numpy() for k, v in _gather(self._tables(), idx, self).items()}
+
+    def to(self, device: str | torch.device) -> DeviceWindows:
+        """These windows with their arrays on ``device``: batches are gathered there."""
+        return DeviceWindows(self, device)
+
+    def _tables(self) -> dict[str, torch.Tensor | dict | None]:
+        """The arrays :func:`_gather` reads, as CPU tensors sharing memory with the numpy ones."""
+        if getattr(self, "_torch_tables", None) is None:
+            t = lambda a: None if a is None else torch.from_numpy(a)
+            self._torch_tables = {
+                "starts": t(self.starts), "ends": t(self.ends), "offsets": t(self._offsets),
+                "episode": t(np.asarray(self.episode_of_window, dtype=np.int64)),
+                "arrays": {k: t(v) for k, v in self._arrays.items()}, "pad_rows": t(self._pad_rows),
+                "rtg": t(getattr(self, "_rtg", None)), "episode_return": t(self._episode_return)}
+        return self._torch_tables
 
     def __repr__(self) -> str:
         return (f"SequenceWindows(windows={len(self)}, horizon={self.horizon}, stride={self.stride}, "
@@ -214,3 +210,60 @@ def discounted_returns(rewards: np.ndarray, episode_ends: np.ndarray,
         carry[rows_r] = full_head[rows_r + 1]
         full_head[rows_r] += discount ** row_len[rows_r] * carry[rows_r]
     return table[row, col] + discount ** (row_len[row] - col) * carry[row]
+
+
+class DeviceWindows:
+    """A :class:`SequenceWindows` with its arrays on a torch ``device``, from ``windows.to(device)``.
+
+    ``sample(B)`` draws window indices with torch's generator on that device (``generator`` to use
+    another) and gathers the batch there; ``get_batch(indices)`` takes a tensor of indices. Both
+    return tensors on the device, equal to what the host windows return for the same indices.
+    """
+
+    def __init__(self, windows: SequenceWindows, device: str | torch.device):
+        self.windows = windows
+        self.device = torch.device(device)
+        move = lambda v: (v if v is None else {k: x.to(self.device) for k, x in v.items()}
+                          if isinstance(v, dict) else v.to(self.device))
+        self.tables = {k: move(v) for k, v in windows._tables().items()}
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        idx = torch.randint(len(self.windows), (batch_size,), device=self.device, generator=generator)
+        return self.get_batch(idx)
+
+    def get_batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        return _gather(self.tables, torch.as_tensor(indices, dtype=torch.int64, device=self.device), self.windows)
+
+    def __repr__(self) -> str:
+        return f"DeviceWindows({self.windows!r}, device={self.device})"
+
+
+def _gather(t: Mapping, indices: torch.Tensor, w: SequenceWindows) -> dict[str, torch.Tensor]:
+    """The batch of windows ``indices`` (see :class:`SequenceWindows`) from tables ``t`` on any device."""
+    steps = t["starts"][indices, None] + t["offsets"]               # (B, H)
+    ends = t["ends"][indices, None]
+    real = steps < ends                                             # (B, H)
+    rows = torch.minimum(steps, ends - 1)                           # past the end: last step
+    out: dict[str, torch.Tensor] = {}
+    for key in w.keys:
+        x = t["arrays"][key][rows]                                  # (B, H, dim)
+        if w.pad:
+            if key in _ZERO_PAD_KEYS:
+                x = x * real[..., None]
+            elif key in _OBS_KEYS and t["pad_rows"] is not None:
+                pad = t["pad_rows"][t["episode"][indices]][:, None, :]
+                x = torch.where(real[..., None], x, pad)
+        out[key] = x
+    out["mask"] = real.float()
+    if w.want_rtg:
+        out["returns_to_go"] = (t["rtg"][rows] * real)[..., None].float()
+    if w.want_value:
+        out["value"] = t["rtg"][t["starts"][indices], None].float()
+    if t["episode_return"] is not None:
+        out["episode_return"] = t["episode_return"][t["episode"][indices], None].float()
+    if w.want_goal:
+        out["goal"] = t["arrays"]["goals"][t["starts"][indices]]
+    return out

@@ -170,19 +170,27 @@ class DiffuserPlanner(PolicyBase):
                                discount=self.config.discount, stride=self.config.plan_stride,
                                termination_penalty=self.config.termination_penalty)
 
-    def batches(self, dataset, batch_size: int):
+    def batches(self, dataset, batch_size: int, device: str | torch.device | None = None):
+        """Batches ``{"x": [obs, act] windows, "value"}``. With ``device`` the windows live there
+        and each batch is drawn and gathered there from torch's generator (``device_side``)."""
         windows = self._windows(dataset)
         with_actions = self.config.with_actions
 
+        def assemble(b: dict, cat) -> dict:
+            x = cat([b["observations"], b["actions"]], -1) if with_actions else b["observations"]
+            return {"x": x, **({"value": b["value"]} if "value" in b else {})}
+
+        if device is not None:
+            on_device = windows.to(device)
+
+            def sample_on_device(step: int, rng=None) -> dict:
+                return assemble(on_device.sample(batch_size), torch.cat)
+
+            sample_on_device.device_side = True
+            return sample_on_device
+
         def sample_batch(step: int, rng: np.random.Generator) -> dict:
-            b = windows.sample(batch_size, rng)
-            x = b["observations"]
-            if with_actions:
-                x = np.concatenate([x, b["actions"]], axis=-1)
-            out = {"x": x}
-            if "value" in b:
-                out["value"] = b["value"]
-            return out
+            return assemble(windows.sample(batch_size, rng), np.concatenate)
 
         return sample_batch
 

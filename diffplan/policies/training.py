@@ -13,6 +13,7 @@ or a name or path for ``diffplan.data.load`` (``diffplan train CONFIG --dataset 
 """
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
@@ -94,7 +95,18 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
         torch.manual_seed(tcfg.seed)
         policy = cls.from_dataset(dataset, pcfg)
     run_config = policy.run_config(train=_plain(tcfg), data={"task": dataset.task, "dataset": source})
-    trainer = Trainer(policy, policy.batches(dataset, tcfg.batch_size), tcfg, out_dir, run_config=run_config)
+    if tcfg.data_on_device:
+        from diffplan.policies.base import POLICIES
+
+        if "device" not in inspect.signature(policy.batches).parameters:
+            raise ConfigError(f"train.data_on_device: a {cfg['kind']} policy draws its batches on the host; "
+                              "device-side batches exist for: " + ", ".join(
+                                  k for k, c in sorted(POLICIES.items())
+                                  if "device" in inspect.signature(c.batches).parameters))
+        batches = policy.batches(dataset, tcfg.batch_size, device=tcfg.device)
+    else:
+        batches = policy.batches(dataset, tcfg.batch_size)
+    trainer = Trainer(policy, batches, tcfg, out_dir, run_config=run_config)
     return trainer.fit(resume=resume)
 
 

@@ -8,11 +8,12 @@ from diffplan.train.checkpoint import (
     recover_checkpoints,
     save_checkpoint,
 )
-from diffplan.train.trainer import TrainConfig, Trainer, learning_rate
+from diffplan.train.trainer import EagerStepCapture, TrainConfig, Trainer, learning_rate
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
+    "EagerStepCapture",
     "TrainConfig",
     "Trainer",
     "latest_checkpoint",

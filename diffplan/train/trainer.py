@@ -8,6 +8,15 @@ Determinism: step ``s`` on rank ``r`` draws its batch with ``numpy.random.defaul
 and reseeds torch from the same triple, so the whole run is a function of ``(seed, step, rank)``.
 A resumed run replays the uninterrupted one bit for bit (on CPU), and DDP ranks see different
 shards without a sampler.
+
+CUDA graphs (``TrainConfig.cuda_graph``): after ``GRAPH_WARMUP`` eager steps on a side stream, the
+whole update (forward, backward, clipping, the optimizer step; with a device-side sampler the
+batch draw too) is captured once and replayed every step. Host batches are copied into its static
+input buffers; the learning rate is a device tensor the schedule fills; torch's generator is
+reseeded per step as in the eager loop (a replay reads the generator's seed), so a captured run is
+a function of its seed too, though not bitwise the eager run. EMA and logging stay eager. A
+batch sampler marked ``device_side`` (e.g. ``DeviceWindows``) draws its batch on the device from
+torch's generator, so nothing is copied from the host. Elsewhere (CPU, DDP) the loop runs eagerly.
 """
 
 from __future__ import annotations
@@ -43,12 +52,13 @@ from diffplan.train.checkpoint import (
     step_dir_name,
 )
 
-__all__ = ["Batches", "TrainConfig", "Trainer", "learning_rate"]
+__all__ = ["Batches", "EagerStepCapture", "TrainConfig", "Trainer", "learning_rate"]
 
 # (step, rng) -> batch. rng is numpy.random.default_rng([seed, step, rank]).
 Batches = Callable[[int, np.random.Generator], Mapping[str, Any]]
 
 _TRAINER_STATE_FORMAT = "diffplan.trainer/1"
+GRAPH_WARMUP = 3  # eager steps before the capture (optimizer state, cuBLAS workspaces), as torch's docs ask
 
 
 @dataclass
@@ -72,6 +82,8 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     ddp_find_unused: bool = False  # DDP find_unused_parameters, for losses that skip some params
+    cuda_graph: bool = False  # capture the update in a CUDA graph and replay it (single-process CUDA)
+    data_on_device: bool = False  # gather batches on the training device (policies whose sampler supports it)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -195,7 +207,9 @@ class Trainer:
     ``config.yaml`` into every checkpoint (``train`` is filled in from ``config`` when missing).
     ``param_groups(model)`` may return torch-style param group dicts (e.g. no weight decay for
     norms); by default every parameter with ``requires_grad`` is trained in one group.
-    With ``out_dir=None`` nothing is written (no logs, no checkpoints).
+    With ``out_dir=None`` nothing is written (no logs, no checkpoints). ``capture`` replaces the
+    CUDA-graph backend of ``config.cuda_graph`` (tests pass :class:`EagerStepCapture` to run the
+    captured path's bookkeeping on a CPU).
     """
 
     def __init__(
@@ -206,6 +220,7 @@ class Trainer:
         out_dir: str | os.PathLike | None = None,
         run_config: Mapping[str, Any] | None = None,
         param_groups: Callable[[nn.Module], Iterable[dict[str, Any]]] | None = None,
+        capture: Any = None,
     ):
         if not callable(getattr(model, "loss", None)):
             raise TypeError(
@@ -231,12 +246,23 @@ class Trainer:
             else [{"params": [p for p in self.model.parameters() if p.requires_grad]}]
         )
         fused = self.device.type in ("cuda", "cpu")  # fused AdamW: 10-15% faster steps on CPU too
+        self._capture = capture
+        if self._capture is None and config.cuda_graph:
+            if self.device.type != "cuda":
+                warnings.warn(f"train.cuda_graph: the device is {self.device}, not CUDA; training eagerly",
+                              RuntimeWarning, stacklevel=2)
+            elif dist_.world_size() > 1:
+                warnings.warn("train.cuda_graph: not with DistributedDataParallel; training eagerly",
+                              RuntimeWarning, stacklevel=2)
+            else:
+                self._capture = CudaStepCapture()
         self.optimizer = torch.optim.AdamW(
             groups,
             lr=config.lr,
             betas=config.betas,
             weight_decay=config.weight_decay,
             fused=fused or None,
+            capturable=isinstance(self._capture, CudaStepCapture),
         )
         for g in self.optimizer.param_groups:
             g["base_lr"] = g["lr"]
@@ -311,25 +337,22 @@ class Trainer:
         acc_logs: dict[str, Any] = {}
         n_acc, t_last = 0, time.perf_counter()
         self.model.train()
+        graph, warm_from = None, self.step
         while self.step < cfg.steps:
             step = self.step
             lr = learning_rate(step, cfg)
-            for g in self.optimizer.param_groups:
-                g["lr"] = learning_rate(step, cfg, g["base_lr"])
+            self._set_lr(step)
             torch.manual_seed(_torch_seed(cfg.seed, step, self.rank))
-            batch = _to_device(
-                self.batches(step, np.random.default_rng([cfg.seed, step, self.rank])),
-                self.device,
-            )
-
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16):
-                out = self._loss_fn(batch)
-            loss, logs = out if isinstance(out, tuple) else (out, {})
-            loss.backward()
-            max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
-            self.optimizer.step()
+            if self._capture is None or step < warm_from + GRAPH_WARMUP:  # eager
+                with self._capture.warmup() if self._capture is not None else _nullcontext():
+                    loss, logs, grad_norm = self._update(self._batch(step))
+            else:
+                if graph is None:
+                    graph = self._capture_update(step)
+                if graph is None:  # the capture failed: eager from here on
+                    loss, logs, grad_norm = self._update(self._batch(step))
+                else:
+                    loss, logs, grad_norm = graph.run(step)
             self.step += 1
             if self.step % cfg.ema_every == 0:
                 self.ema.update()
@@ -372,6 +395,42 @@ class Trainer:
             if self.out_dir is not None and (self.step % cfg.ckpt_every == 0 or self.step == cfg.steps):
                 self.save()
 
+    def _capture_update(self, step: int) -> _StepGraph | None:
+        try:
+            return _StepGraph(self, step)
+        except Exception as e:  # e.g. a host sync inside the loss: the update cannot be captured
+            why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            warnings.warn(f"train.cuda_graph: the update of {type(self.model).__name__} could not be captured "
+                          f"({why}); training eagerly", RuntimeWarning, stacklevel=3)
+            self._capture = None
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+
+    def _batch(self, step: int) -> dict[str, Any]:
+        return _to_device(self.batches(step, np.random.default_rng([self.config.seed, step, self.rank])), self.device)
+
+    def _update(self, batch: Mapping[str, Any], capturing: bool = False) -> tuple[Tensor, dict[str, Any], Tensor]:
+        """One optimizer update on ``batch``: ``(loss, logs, grad norm)``. Also what a graph captures."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        # Under a capture autocast must not cache casts of the weights (torch's CUDA-graph docs).
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self._bf16, cache_enabled=not capturing):
+            out = self._loss_fn(batch)
+        loss, logs = out if isinstance(out, tuple) else (out, {})
+        loss.backward()
+        max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
+        self.optimizer.step()
+        return loss, logs, grad_norm
+
+    def _set_lr(self, step: int) -> None:
+        for g in self.optimizer.param_groups:
+            value = learning_rate(step, self.config, g["base_lr"])
+            if isinstance(g["lr"], Tensor):
+                g["lr"].fill_(value)  # a captured optimizer step reads it in place
+            else:
+                g["lr"] = value
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def save(self) -> Path | None:
@@ -413,7 +472,8 @@ class Trainer:
             },
             "optimizer": {
                 "class": type(self.optimizer).__name__,
-                "param_groups": opt["param_groups"],
+                "param_groups": [{k: float(v) if isinstance(v, Tensor) else v for k, v in g.items()}
+                                 for g in opt["param_groups"]],
             },
             "ema": ema_skeleton,
             "config": self.config.to_dict(),
@@ -468,6 +528,7 @@ class Trainer:
             for key, value in saved.items():  # JSON turned tuples (betas) into lists
                 if isinstance(current.get(key), tuple) and isinstance(value, list):
                     saved[key] = tuple(value)
+            saved["capturable"] = current.get("capturable", False)  # this run's, not the saved run's
         try:
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
         except (ValueError, KeyError) as e:
@@ -570,3 +631,112 @@ class _RunLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA-graph capture of the update
+
+
+def _nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+class CudaStepCapture:
+    """``torch.cuda.CUDAGraph`` capture of one update; warm-up steps run on a side stream."""
+
+    def __init__(self):
+        self._side: torch.cuda.Stream | None = None
+
+    def warmup(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def side_stream():
+            if self._side is None:
+                self._side = torch.cuda.Stream()
+            self._side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self._side):
+                yield
+            torch.cuda.current_stream().wait_stream(self._side)
+
+        return side_stream()
+
+    def capture(self, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Record ``fn`` (nothing runs); the returned replay runs it and returns its static outputs."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fn()
+
+        def replay():
+            graph.replay()
+            return out
+
+        return replay
+
+
+class EagerStepCapture:
+    """Stand-in for :class:`CudaStepCapture` that runs on any device: "capturing" records ``fn``
+    and each replay runs it. Counts both, so tests check the captured path's bookkeeping (static
+    buffers, the tensor learning rate, resume) on a CPU."""
+
+    def __init__(self):
+        self.captures = 0
+        self.replays = 0
+
+    def warmup(self):
+        return _nullcontext()
+
+    def capture(self, fn):
+        self.captures += 1
+
+        def replay():
+            self.replays += 1
+            return fn()
+
+        return replay
+
+
+class _StepGraph:
+    """The captured update of a :class:`Trainer`: static batch buffers (none for a device-side
+    sampler, whose draw is captured with the step), tensor learning rates, and the replay."""
+
+    def __init__(self, trainer: Trainer, step: int):
+        self.trainer = trainer
+        for g in trainer.optimizer.param_groups:  # the schedule fills these in place from now on
+            if not isinstance(g["lr"], Tensor):
+                g["lr"] = torch.tensor(float(g["lr"]), device=trainer.device)
+        trainer._set_lr(step)
+        self.device_side = bool(getattr(trainer.batches, "device_side", False))
+        if self.device_side:
+            fn = lambda: trainer._update(_to_device(trainer.batches(step, None), trainer.device), capturing=True)
+            self.static = None
+        else:
+            self.static = _static_copy(trainer._batch(step))
+            fn = lambda: trainer._update(self.static, capturing=True)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        self.replay = trainer._capture.capture(fn)
+
+    def run(self, step: int) -> tuple[Tensor, dict[str, Any], Tensor]:
+        if self.static is not None:
+            _copy_into(self.static, self.trainer._batch(step))
+        return self.replay()
+
+
+def _static_copy(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _static_copy(v) if isinstance(v, Mapping) else v.clone() if isinstance(v, Tensor) else v
+            for k, v in batch.items()}
+
+
+def _copy_into(static: dict[str, Any], batch: Mapping[str, Any]) -> None:
+    if static.keys() != batch.keys():
+        raise ValueError(f"train.cuda_graph: a batch has keys {sorted(batch)}, the captured one {sorted(static)}")
+    for k, v in batch.items():
+        if isinstance(v, Mapping):
+            _copy_into(static[k], v)
+        elif isinstance(v, Tensor):
+            if v.shape != static[k].shape:
+                raise ValueError(f"train.cuda_graph: batch['{k}'] has shape {tuple(v.shape)}, the captured "
+                                 f"one {tuple(static[k].shape)}; a captured step needs fixed batch shapes")
+            static[k].copy_(v, non_blocking=True)
