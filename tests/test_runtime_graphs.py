@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from diffplan.nn import unet
 from diffplan.nn.unet import TemporalUNet
 from diffplan.policies import load_policy
@@ -221,3 +223,57 @@ def test_static_buffers_take_inputs_inside_and_outside_inference_mode():
     planner.reset()
     planner.act(torch.ones(1, 2))  # copies into the buffers made under inference mode
     assert planner.graphs.backend.replays == 2
+
+
+# ------------------------------------------------------------------ capturable without a GPU
+# A CUDA-graph capture refuses host-to-device copies. Run on the meta device, a plan or a training
+# update shows them: a CPU tensor copied to the device, or a Python scalar assigned through index
+# tensors (CUDA stages it on the host; the H200 run of 2026-12-04 failed on one in Constraints).
+
+
+class HostCopies(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.hits, self._scalars = [], set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = str(func)
+        if "scalar_tensor" in name:
+            self._scalars.add(id(out))
+        elif "index_put" in name and len(args) > 2 and id(args[2]) in self._scalars:
+            self.hits.append(f"a Python scalar assigned through index tensors ({name})")
+        elif name.startswith(("aten._to_copy", "aten.copy_")) and any(
+                isinstance(a, torch.Tensor) and a.device.type == "cpu" for a in args) and out.device.type != "cpu":
+            self.hits.append(f"a CPU tensor copied to the device ({name})")
+        return out
+
+
+def test_the_host_copy_detector_sees_what_a_capture_refuses():
+    mask = torch.zeros(4, 3, dtype=torch.bool, device="meta")
+    with HostCopies() as h:
+        mask[torch.zeros(2, dtype=torch.long, device="meta")] = True
+        mask[0, 1:] = True  # a slice takes fill_: fine
+        torch.ones(3).to("meta")
+    assert len(h.hits) == 2 and "Python scalar" in h.hits[0] and "CPU tensor" in h.hits[1]
+
+
+@pytest.mark.parametrize("name", ["pointmaze-umaze/diffuser", "pointmaze-umaze/trajectory_diffuser",
+                                  "walker2d-medium/diffuser"])
+def test_plans_copy_nothing_from_the_host(name):
+    policy = load_policy(ROOT / "checkpoints" / name, device="cpu").to("meta")
+    obs = torch.zeros(2, policy.spec.obs_dim, device="meta")
+    goal = torch.zeros(2, policy.spec.goal_dim, device="meta") if policy.spec.goal_dim else None
+    noise = torch.zeros(2, *policy.plan_shape, device="meta")
+    with HostCopies() as h:
+        policy.plan(obs, goal, noise)
+    assert h.hits == []
+
+
+def test_the_diffuser_training_update_copies_nothing_from_the_host():
+    policy = load_policy(ROOT / "checkpoints/hopper-medium/diffuser", device="cpu").to("meta")
+    batch = {"x": torch.zeros(4, *policy.plan_shape, device="meta"), "value": torch.zeros(4, 1, device="meta")}
+    with HostCopies() as h:
+        loss, _ = policy.loss(batch)
+        loss.backward()
+    assert h.hits == []

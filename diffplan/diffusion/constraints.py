@@ -76,6 +76,9 @@ class Constraints:
         """``(mask (H, D) bool, fill (B, H, D))`` for a sample shaped like ``x``."""
         B, H, D = x.shape
         mask = torch.zeros(H, D, dtype=torch.bool, device=x.device)
+        # A device True, not a Python one: on CUDA, a Python scalar assigned through index tensors
+        # is staged on the host and copied over, which a CUDA-graph capture refuses.
+        true = torch.ones((), dtype=torch.bool, device=x.device)
         fill = torch.zeros_like(x)
         for index, dims, values in self.parts:
             idx = _indices(index, H, x.device)[:, None]
@@ -87,7 +90,7 @@ class Constraints:
                 raise ValueError(f"constraint values of shape {tuple(values.shape)} do not broadcast to "
                                  f"(B, n_index, n_dims) = {(B, idx.shape[0], dim.shape[1])}") from None
             fill[:, idx, dim] = values
-            mask[idx, dim] = True
+            mask[idx, dim] = true
         return mask, fill
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:

@@ -421,7 +421,10 @@ class Trainer:
         max_norm = cfg.grad_clip if cfg.grad_clip is not None else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self._params, max_norm)
         self.optimizer.step()
-        return loss, logs, grad_norm
+        # Detached: holding the autograd graph past the step keeps its AccumulateGrad nodes alive,
+        # which crosses streams when the next update is captured.
+        logs = {k: v.detach() if isinstance(v, Tensor) else v for k, v in logs.items()}
+        return loss.detach(), logs, grad_norm
 
     def _set_lr(self, step: int) -> None:
         for g in self.optimizer.param_groups:
