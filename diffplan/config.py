@@ -10,12 +10,38 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 import torch
+import yaml
 
 T = TypeVar("T")
 
 
 class ConfigError(ValueError):
     """A config file or dict does not match the config it should build."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a mapping may not repeat a key: plain YAML keeps the last one silently,
+    so a second ``n_candidates:`` further down a config would undo the first without a word."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key '{key}' (first on line {seen[key]}); the second would silently win",
+                key_node.start_mark)
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
+def load_yaml(text: str | bytes):
+    """``yaml.safe_load`` that refuses a repeated key in a mapping (a ``yaml.YAMLError`` naming it)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
 def from_dict(cls: type[T], data: dict | None, where: str = "config") -> T:

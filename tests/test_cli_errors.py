@@ -136,3 +136,19 @@ def test_nan_weights_in_a_checkpoint_are_one_error_line(capsys, workdir, tmp_pat
         weight.fill_(float("nan"))
     policy.save(tmp_path / "nan")
     _fails(capsys, ["bench", str(tmp_path / "nan"), "--calls", "1", "--batch", "1"], f"net.{name} holds NaN or inf")
+
+
+def test_a_config_that_repeats_a_key_is_refused_naming_it(tmp_path):
+    """Plain YAML keeps the last of two equal keys without a word: a second ``n_candidates:`` further
+    down would undo the first. Training configs and checkpoint configs refuse it."""
+    from diffplan.config import ConfigError
+    from diffplan.policies.training import read_config
+    from diffplan.train import CheckpointError
+    from diffplan.train.checkpoint import _read_yaml
+
+    text = "kind: bc\ntask: hopper-medium\npolicy:\n  hidden: [16]\n  hidden: [32]\n"
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"duplicate key 'hidden' \(first on line 4\)"):
+        read_config(tmp_path / "c.yaml")
+    with pytest.raises(CheckpointError, match="duplicate key 'hidden'"):
+        _read_yaml(tmp_path / "c.yaml")

@@ -19,7 +19,7 @@ import os
 import torch
 import yaml
 
-from diffplan.config import ConfigError, from_dict
+from diffplan.config import ConfigError, from_dict, load_yaml
 
 TOP_KEYS = {"kind", "task", "dataset", "policy", "train"}
 
@@ -33,7 +33,7 @@ def read_config(path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        cfg = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {e}") from None
     check_config(cfg, str(path))

@@ -36,6 +36,7 @@ from safetensors.torch import load as _st_load
 from safetensors.torch import save as _st_save
 
 from diffplan import atomic
+from diffplan.config import load_yaml
 
 __all__ = [
     "CONFIG_FILE",
@@ -299,7 +300,7 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 def _read_yaml(path: Path) -> dict[str, Any]:
     text = _read_bytes(path)
     try:
-        config = yaml.safe_load(text)
+        config = load_yaml(text)
     except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: invalid YAML: {e}") from e
     if config is None:
