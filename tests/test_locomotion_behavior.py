@@ -87,3 +87,24 @@ def test_evaluate_actor_runs():
     actor = TanhGaussianActor(11, 3, [8], meta.action_low, meta.action_high, meta=meta)
     mean, std, rets = evaluate_actor(actor, "Hopper-v5", episodes=2, max_steps=50)
     assert len(rets) == 2 and np.isfinite(mean)
+
+
+def test_sac_training_records_its_pace_settings_and_resumes(tmp_path):
+    """``train_freq`` and ``learning_rate`` (issue 23: slower SAC for D4RL-sized replay buffers)
+    reach SB3 and every snapshot's metadata; a resumed run continues the step count."""
+    pytest.importorskip("stable_baselines3")
+    import yaml
+
+    from diffplan.envs import behavior as B
+
+    out, state = tmp_path / "run", tmp_path / "state"
+    kw = dict(snapshot_every=100, eval_episodes=1, state_dir=state, state_every=100, learning_starts=50,
+              train_freq=2, learning_rate=1e-4)
+    B.train("Hopper-v5", 200, out, **kw)
+    meta = yaml.safe_load((out / "step-200" / "actor.yaml").read_text())
+    assert meta["extra"]["train_freq"] == 2 and meta["extra"]["learning_rate"] == pytest.approx(1e-4)
+    B.train("Hopper-v5", 100, out, resume=True, **kw)
+    steps = [int(r.split(",")[0]) for r in (out / "progress.csv").read_text().splitlines()[1:]]
+    assert steps == [100, 200, 300]
+    with pytest.raises(ValueError, match="train_freq must be >= 1"):
+        B.train("Hopper-v5", 100, tmp_path / "bad", state_dir=tmp_path / "bad-state", train_freq=0)
