@@ -29,10 +29,17 @@ def shipped(path: str | os.PathLike) -> Path | None:
     return None
 
 
-def find(path: str | os.PathLike) -> Path:
-    """A path a user gave: as given when it exists (or is absolute), else the shipped file or
-    folder of that repository-relative path, else unchanged (so the caller's error names it)."""
+def find(path: str | os.PathLike, near: str | os.PathLike | None = None) -> Path:
+    """A path a user gave: as given when it exists (or is absolute); else, with ``near`` (a file or
+    folder that named it, such as a checkpoint whose config names its critic), relative to the
+    nearest folder above ``near`` where it exists, so a repository-relative path in a checkpoint's
+    config works from any folder; else the shipped file or folder of that repository-relative path;
+    else unchanged (so the caller's error names it)."""
     p = Path(path)
     if p.exists() or p.is_absolute():
         return p
+    if near is not None:
+        for folder in Path(near).resolve().parents:
+            if (folder / p).exists():
+                return folder / p
     return shipped(p) or p

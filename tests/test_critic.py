@@ -183,3 +183,27 @@ def test_trajectory_diffuser_refines_its_draft_n_times_and_keeps_the_plan_of_hig
     assert stub.calls == 1  # one batched Q call for all envs and candidates
     assert (cands[:, 0] - cands[:, 1]).abs().amax() > 1e-3
     torch.testing.assert_close(chosen, cands[:, 1], atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoints_critic_path_is_found_beside_it_from_any_folder(tmp_path, monkeypatch):
+    """A config names its critic repository-relative (checkpoints/<task>/critic); loaded from
+    another working folder (an installed wheel, a user's scripts), it is found beside the policy's
+    own checkpoint folder."""
+    import shutil
+    from pathlib import Path
+
+    from diffplan.policies import load_policy
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints" / "halfcheetah-medium"
+    repo = tmp_path / "repo" / "checkpoints" / "my-task"
+    shutil.copytree(root / "anchored", repo / "anchored")
+    shutil.copytree(root / "critic", repo / "critic")
+    cfg = repo / "anchored" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("critic: checkpoints/halfcheetah-medium/critic",
+                                           "critic: checkpoints/my-task/critic"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    policy = load_policy(repo / "anchored")
+    assert policy.config.critic == "checkpoints/my-task/critic"
+    critic = policy.reranker()
+    assert critic is not None and critic.kind == "critic"

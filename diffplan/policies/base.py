@@ -295,7 +295,12 @@ class PolicyBase(nn.Module):
         if critic is None and path is not None:
             from diffplan.policies.critic import load_critic
 
-            critic = load_critic(path, self.device, self.spec)
+            from diffplan.resources import find
+
+            # A repository-relative path (checkpoints/<task>/critic) is found beside this
+            # checkpoint's own folder, whatever the working folder.
+            near = getattr(self, "checkpoint_path", None)
+            critic = load_critic(find(path, near=near / "config.yaml" if near else None), self.device, self.spec)
             self.__dict__["_critic"] = critic
         return critic
 
