@@ -44,19 +44,20 @@ def pace(run: Path, state: Path) -> list[str]:
     meta = yaml.safe_load((run / rows[-1]["snapshot"] / "actor.yaml").read_text())
     env_id = meta["env_id"]
     family = env_id.split("-")[0].lower()
-    freq = (meta.get("extra") or {}).get("train_freq", 1)
+    extra = meta.get("extra") or {}
+    freq = f"{extra.get('train_freq', 1) / extra.get('gradient_steps', 1):g}"  # env steps per gradient step
     target = MEDIUM_TARGET[{"halfcheetah": "halfcheetah", "hopper": "hopper", "walker2d": "walker2d"}[family]]
     reached = next((int(r["step"]) for r in rows if r["d4rl_score"] and float(r["d4rl_score"]) >= target), None)
     last = int(rows[-1]["step"])
     rets = buffer_episodes(state, reached or last)
     score = np.array([d4rl_normalized(env_id, r) for r in rets])
     best = max(float(r["d4rl_score"]) for r in rows if r["d4rl_score"])
-    print(f"{run.name}: {env_id}, train_freq {freq}: medium ({target:g}) "
+    print(f"{run.name}: {env_id}, {freq} env steps per gradient step: medium ({target:g}) "
           f"{'at ' + format(reached, ',') if reached else 'not reached by ' + format(last, ',')} steps; "
           f"best eval {best:.1f}; buffer {reached or last:,} steps, {len(rets)} episodes, "
           f"normalized mean {score.mean():.1f} (min {score.min():.1f}, max {score.max():.1f})", flush=True)
     assert family in D4RL_REF
-    return [*stamp(), run.name, env_id, str(freq), f"{reached:,}" if reached else f"not by {last:,}", f"{best:.1f}",
+    return [*stamp(), run.name, env_id, freq, f"{reached:,}" if reached else f"not by {last:,}", f"{best:.1f}",
             f"{reached or last:,}", str(len(rets)), f"{score.mean():.1f}", f"{score.min():.1f}", f"{score.max():.1f}"]
 
 

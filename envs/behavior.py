@@ -299,14 +299,15 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
           learning_starts: int | None = None, train_freq: int = 1,
-          learning_rate: float | None = None) -> None:
+          learning_rate: float | None = None, gradient_steps: int = 1) -> None:
     """Train SB3 SAC on ``env_id`` for ``steps`` env steps, snapshotting the actor. With ``resume``
     the steps are added to those already trained (SB3 keeps counting from the saved step).
 
     ``train_freq``: one gradient step every ``train_freq`` env steps (rl-zoo: 1). A larger value
     slows learning per env step, so that the medium level is reached at D4RL's replay-buffer sizes
     (0.2-0.4M steps), and it makes each env step cheaper on a CPU. ``learning_rate`` replaces
-    rl-zoo's 3e-4, the other way to slow it."""
+    rl-zoo's 3e-4, the other way to slow it. ``gradient_steps`` per ``train_freq`` env steps (rl-zoo:
+    1) sets ratios between integers, e.g. 2 per 3."""
     try:
         import gymnasium as gym
         from stable_baselines3 import SAC
@@ -333,7 +334,9 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
             hp["learning_starts"] = learning_starts
         if train_freq < 1:
             raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
-        hp["train_freq"] = train_freq
+        if gradient_steps < 1:
+            raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
+        hp["train_freq"], hp["gradient_steps"] = train_freq, gradient_steps
         if learning_rate is not None:
             hp["learning_rate"] = learning_rate
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **hp)
@@ -376,6 +379,7 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
             actor.meta.d4rl_ref_min, actor.meta.d4rl_ref_max = ref
             actor.meta.extra = {"algo": "sb3-sac", "seed": seed, "train_freq": int(self.model.train_freq.frequency),
                                 "learning_rate": float(self.model.learning_rate),
+                                "gradient_steps": int(self.model.gradient_steps),
                                 "eval_deterministic": True,
                                 "eval_seed": 10_000, "eval_max_steps": 1000}
             snap = out / f"step-{n}"
@@ -418,6 +422,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--learning-starts", type=int, default=None, help="override (smoke tests)")
     t.add_argument("--train-freq", type=int, default=1, help="env steps per gradient step (rl-zoo: 1)")
     t.add_argument("--learning-rate", type=float, default=None, help="SAC's learning rate (rl-zoo: 3e-4)")
+    t.add_argument("--gradient-steps", type=int, default=1, help="gradient steps per --train-freq env steps")
     e = sub.add_parser("eval", help="evaluate a shipped actor folder")
     e.add_argument("path")
     e.add_argument("--episodes", type=int, default=5)
@@ -426,7 +431,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.cmd == "train":
         train(a.env, a.steps, a.out, a.snapshot_every, a.seed, a.eval_episodes, a.state_dir,
               a.resume, a.threads, a.state_every, a.learning_starts, a.train_freq,
-              a.learning_rate)
+              a.learning_rate, a.gradient_steps)
     else:
         actor = load_actor(a.path)
         mean, std, rets = evaluate_actor(actor, actor.meta.env_id, a.episodes,

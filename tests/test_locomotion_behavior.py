@@ -99,10 +99,11 @@ def test_sac_training_records_its_pace_settings_and_resumes(tmp_path):
 
     out, state = tmp_path / "run", tmp_path / "state"
     kw = dict(snapshot_every=100, eval_episodes=1, state_dir=state, state_every=100, learning_starts=50,
-              train_freq=2, learning_rate=1e-4)
+              train_freq=3, gradient_steps=2, learning_rate=1e-4)
     B.train("Hopper-v5", 200, out, **kw)
     meta = yaml.safe_load((out / "step-200" / "actor.yaml").read_text())
-    assert meta["extra"]["train_freq"] == 2 and meta["extra"]["learning_rate"] == pytest.approx(1e-4)
+    extra = meta["extra"]
+    assert (extra["train_freq"], extra["gradient_steps"]) == (3, 2) and extra["learning_rate"] == pytest.approx(1e-4)
     B.train("Hopper-v5", 100, out, resume=True, **kw)
     steps = [int(r.split(",")[0]) for r in (out / "progress.csv").read_text().splitlines()[1:]]
     assert steps == [100, 200, 300]
