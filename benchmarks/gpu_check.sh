@@ -5,7 +5,7 @@
 # .whl/ (gymnasium and what it needs, when the machine lacks them) are installed to /tmp/site.
 # Writes the log and benchmarks/RESULTS.md to $OUT (default: runs/gpu_check).
 #   DIFFPLAN_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_check.sh
-# It loads five checkpoints only (pointmaze-umaze/{diffuser,anchored}, hopper-medium/{diffuser,
+# It loads seven checkpoints (pointmaze-umaze/{diffuser,anchored,trajectory_diffuser}, walker2d-medium/diffuser, hopper-medium/{diffuser,
 # critic,anchored}): where the tree must be small to travel, a copy with just those will do (the
 # 2026-12-04 run used a throwaway branch without the others: 12 MB, plus 36 MB of wheels).
 set -u
