@@ -105,7 +105,32 @@ def planning_rows(args, device: str) -> list[list[str]]:
                   f"{policy.planner.graphs.eager_calls})", flush=True)
             rows.append([*stamp(), device, label, what, f"{eager:.3f}", f"{captured:.3f}",
                          f"{eager / captured:.2f}x", f"{batch * 1e3 / captured:,.0f} {rate}"])
+            if args.compile and batch == 1 and "Diffuser" in label:  # compiled denoiser (inference_net), captured
+                rows += compiled_row(policy, label, what, obs, fn, n, res, device)
     return rows
+
+
+def compiled_row(policy, label, what, obs, fn, n, res, device) -> list[list[str]]:
+    """The plan again with ``runtime.compile`` (a torch.compile'd denoiser: fused kernels), captured;
+    a failure is printed and gives no row."""
+    cfg = policy.planner.config
+    cfg.compile = cfg.cuda_graph = True
+    policy.planner.graphs.clear()
+    try:
+        t0 = time.perf_counter()
+        fn(policy, obs, 5)  # compiles, then captures
+        warm = time.perf_counter() - t0
+        compiled = float(np.median(fn(policy, obs, n)))
+    except Exception as err:  # noqa: BLE001 - report it and go on with the other rows
+        print(f"{label}: runtime.compile failed: {type(err).__name__}: {err}"[:800], flush=True)
+        return []
+    finally:
+        cfg.compile = cfg.cuda_graph = False
+        policy.planner.graphs.clear()
+    print(f"{label:32s} {what:22s} compiled + captured {compiled:8.3f} ms ({res[True] / compiled:.2f}x "
+          f"captured; compile and capture {warm:.0f} s)", flush=True)
+    return [[*stamp(), device, f"{label}, runtime.compile", what, f"{res[False]:.3f}", f"{compiled:.3f}",
+             f"{res[False] / compiled:.2f}x", f"{1e3 / compiled:,.0f} replans/s"]]
 
 
 def training_rows(args, device: str) -> list[list[str]]:
@@ -190,6 +215,9 @@ def main(argv=None) -> int:
     p.add_argument("--envs", type=int, default=4096)
     p.add_argument("--train-steps", type=int, default=200)
     p.add_argument("--trainer-only", action="store_true", help="only the Trainer rows, recording nothing")
+    p.add_argument("--compile", action="store_true", help="also plan at batch 1 with runtime.compile (torch.compile'd "
+                   "denoiser), captured")
+    p.add_argument("--plans-only", action="store_true", help="only the planning rows")
     args = p.parse_args(argv)
     if args.trainer_only:
         if not torch.cuda.is_available():
@@ -209,6 +237,8 @@ def main(argv=None) -> int:
                 ">= 1,000,000 decisions/s at 4,096 envs.",
                 ["date", "machine", "commit", "device", "policy", "measure", "eager ms", "captured ms",
                  "speed-up", "captured rate"], plan)
+    if args.plans_only:
+        return 0
     train = training_rows(args, device)
     append_rows("cuda_graphs: training steps/s",
                 "`python benchmarks/cuda_graphs.py`: eager training steps (x0 loss, fused AdamW, EMA every "

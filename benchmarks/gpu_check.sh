@@ -23,6 +23,6 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 MUJOCO_GL=egl
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_runtime_graphs.py tests/test_train_trainer.py \
       tests/test_data_windows.py 2>&1 | tail -25
   echo "== benchmark"
-  timeout 420 python3 benchmarks/cuda_graphs.py --replans 100 --train-steps 200
+  timeout 420 python3 benchmarks/cuda_graphs.py --replans 100 --train-steps 200 --compile
 } 2>&1 | tee "$OUT/gpu_check.log"
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"

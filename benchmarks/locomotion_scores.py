@@ -9,7 +9,8 @@ Three parts, each optional:
   score -- the number D4RL reports for its own datasets (its medium datasets average about
   44 / 40 / 62 for hopper / halfcheetah / walker2d). A dataset already made with
   ``diffplan data make`` is read from the Minari cache; one that is not (or every one, with
-  ``--regenerate``) is generated here and timed;
+  ``--regenerate``) is generated here and timed. ``--versions 0 1`` adds the v1 datasets (issue
+  #23) and a table of every dataset's statistics against D4RL's;
 * ``--policies``: every shipped checkpoint ``checkpoints/<family>-<kind>/<policy>/`` evaluated on
   its task (``--episodes`` 1000-step episodes, the same seeds for every policy), D4RL-normalized
   score as mean ± standard error, beside BC on the same dataset (BC's checkpoint is evaluated in
@@ -18,6 +19,7 @@ Three parts, each optional:
     python benchmarks/locomotion_scores.py                                   # snapshots only
     python benchmarks/locomotion_scores.py --datasets --families hopper      # cached or made
     python benchmarks/locomotion_scores.py --datasets --steps 100000 --no-record  # quick, scaled
+    python benchmarks/locomotion_scores.py --datasets --versions 0 1         # v0 and v1 vs D4RL
     python benchmarks/locomotion_scores.py --policies --episodes 10          # shipped checkpoints
     python benchmarks/locomotion_scores.py --policies --families hopper --kinds medium-expert
 
@@ -78,30 +80,43 @@ def _cached(task: str):
 
 
 def dataset_rows(steps: int | None, num_envs: int, families, kinds,
-                 regenerate: bool = False) -> list[dict]:
+                 regenerate: bool = False, versions=(0,)) -> list[dict]:
+    from diffplan.envs import list_tasks
+
     rows = []
     for fam in families:
         if not L.list_snapshots(fam):
             print(f"# {fam}: no shipped snapshots, skipped")
             continue
         env_id = L.FAMILIES[fam]
-        for kind in kinds:
-            task = f"{fam}-{kind}"
-            d = None if (regenerate or steps) else _cached(task)
-            source, dt, segments = "cache", None, None
-            if d is None:
-                t0 = time.time()
-                d, info = L.generate(fam, kind, steps=steps, num_envs=num_envs, progress=True)
-                dt, source, segments = time.time() - t0, "generated", info["segments"]
-            rets = episode_returns(d)
-            rows.append({"task": task, "steps": int(len(d["rewards"])),
-                         "episodes": int(len(rets)), "return_mean": float(rets.mean()),
-                         "d4rl_score": d4rl_normalized(env_id, float(rets.mean())),
-                         "terminals": int(d["terminals"].sum()), "timeouts": int(d["timeouts"].sum()),
-                         "source": source, "gen_s": None if dt is None else round(dt, 1),
-                         "steps_per_s": None if dt is None else round(len(d["rewards"]) / dt),
-                         "segments": segments})
+        for version in versions:
+            for kind in kinds:
+                task = L.task_name(fam, kind, version)
+                if task not in list_tasks():
+                    print(f"# {task}: no card (its behaviors are not shipped), skipped")
+                    continue
+                rows.append(_dataset_row(task, fam, kind, version, env_id, steps, num_envs, regenerate))
     return rows
+
+
+def _dataset_row(task, fam, kind, version, env_id, steps, num_envs, regenerate) -> dict:
+    d = None if (regenerate or steps) else _cached(task)
+    source, dt, segments = "cache", None, None
+    if d is None:
+        t0 = time.time()
+        d, info = L.generate(fam, kind, steps=steps, num_envs=num_envs, progress=True, version=version)
+        dt, source, segments = time.time() - t0, "generated", info["segments"]
+    rets = episode_returns(d)
+    stats = L.dataset_stats(d, fam)
+    d4rl_steps, d4rl_mean = L.D4RL_DATASETS[fam][kind]
+    return {"task": task, "version": version, "stats": stats, "d4rl_steps": d4rl_steps, "d4rl_mean": d4rl_mean,
+            "mean_within_25pct": None if d4rl_mean is None else abs(stats["mean"] - d4rl_mean) <= 0.25 * d4rl_mean,
+            "size_in_range": (150_000 <= stats["steps"] <= 500_000) if kind == "medium-replay" else None,
+            "steps": int(len(d["rewards"])), "episodes": int(len(rets)),
+            "return_mean": float(rets.mean()), "d4rl_score": d4rl_normalized(env_id, float(rets.mean())),
+            "terminals": int(d["terminals"].sum()), "timeouts": int(d["timeouts"].sum()),
+            "source": source, "gen_s": None if dt is None else round(dt, 1),
+            "steps_per_s": None if dt is None else round(len(d["rewards"]) / dt), "segments": segments}
 
 
 # --------------------------------------------------------------------------------------------
@@ -189,6 +204,28 @@ def _record_datasets(rows: list[dict]) -> None:
          "mean return", "D4RL-normalized", "generation"], out)
 
 
+def _record_versions(rows: list[dict]) -> None:
+    def yes(v):
+        return "-" if v is None else ("yes" if v else "no")
+
+    out = []
+    for r in rows:
+        st = r["stats"]
+        out.append(stamp() + [r["task"], f"v{r['version']}", f"{st['steps']:,}", str(st["episodes"]),
+                              f"{st['mean']:.1f} / {st['min']:.1f} / {st['max']:.1f}",
+                              f"{r['d4rl_steps']:,}", "-" if r["d4rl_mean"] is None else f"{r['d4rl_mean']:g}",
+                              yes(r["mean_within_25pct"]), yes(r["size_in_range"])])
+    append_rows(
+        "locomotion datasets against D4RL",
+        "`python benchmarks/locomotion_scores.py --datasets --versions 0 1` (issue #23): each made "
+        "locomotion dataset's env steps, complete episodes and mean / min / max D4RL-normalized "
+        "episode return, beside D4RL's (steps, mean: `L.D4RL_DATASETS`; '-' where not recorded here). "
+        "Targets: mean within 25% of D4RL's; medium-replay 0.15M-0.5M steps.",
+        ["date", "machine", "commit", "dataset", "version", "steps", "episodes",
+         "normalized mean / min / max", "D4RL steps", "D4RL mean", "mean within 25%",
+         "replay size in range"], out)
+
+
 def _record_policies(rows: list[dict]) -> None:
     out = []
     for r in rows:
@@ -220,6 +257,8 @@ def main(argv=None) -> None:
     p.add_argument("--num-envs", type=int, default=L.DEFAULT_NUM_ENVS)
     p.add_argument("--families", nargs="*", default=list(L.FAMILIES))
     p.add_argument("--kinds", nargs="*", default=list(L.KINDS))
+    p.add_argument("--versions", nargs="*", type=int, default=[0],
+                   help="dataset versions (0: the shipped policies' data, 1: issue #23's)")
     p.add_argument("--policies", action="store_true", help="evaluate the shipped checkpoints")
     p.add_argument("--policy-kinds", default="", help="comma-separated policy kinds (BC always)")
     p.add_argument("--episodes", type=int, default=10)
@@ -236,13 +275,15 @@ def main(argv=None) -> None:
               "medium_target": L.MEDIUM_TARGET, "snapshots": snapshot_rows()}
     print(_md(result["snapshots"], ["family", "snapshot", "eval_return", "d4rl_score", "role"]))
     if a.datasets:
-        rows = dataset_rows(a.steps, a.num_envs, a.families, a.kinds, a.regenerate)
+        rows = dataset_rows(a.steps, a.num_envs, a.families, a.kinds, a.regenerate, a.versions)
         result["datasets"] = rows
         print()
-        print(_md(rows, ["task", "steps", "episodes", "return_mean", "d4rl_score", "terminals",
-                         "timeouts", "source", "gen_s", "steps_per_s"]))
+        print(_md([{**r, **{f"norm_{k}": v for k, v in r["stats"].items()}} for r in rows],
+                  ["task", "steps", "episodes", "norm_mean", "norm_min", "norm_max", "d4rl_steps",
+                   "d4rl_mean", "mean_within_25pct", "size_in_range", "source", "gen_s"]))
         if rows and not a.no_record and not a.steps:
             _record_datasets(rows)
+            _record_versions(rows)
     if a.policies:
         kinds = set(filter(None, a.policy_kinds.split(","))) or None
         folders = shipped_checkpoints(a.families, kinds, a.kinds)

@@ -295,6 +295,21 @@ def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def _truncate_progress(progress: Path, step: int) -> None:
+    """Keep the header and the rows of ``progress`` up to env step ``step`` (atomically)."""
+    import io
+
+    from diffplan.atomic import write_file
+
+    with open(progress, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+    if len(kept) < len(rows):
+        text = io.StringIO()
+        csv.writer(text).writerows(kept)
+        write_file(progress, text.getvalue())
+
+
 def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int = 10_000,
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
@@ -345,6 +360,8 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
     if not progress.exists():
         with open(progress, "w", newline="") as f:
             csv.writer(f).writerow(PROGRESS_FIELDS)
+    else:  # a resumed run redoes the steps after its saved state: drop their rows, kept once
+        _truncate_progress(progress, start_step)
 
     def save_state():
         tmp_zip = state_dir / "model.tmp.zip"

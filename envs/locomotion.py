@@ -58,6 +58,28 @@ PINNED = {
     # early-stopped too), expert = the best of 400k steps (76.5; D4RL's expert is 100)
     "walker2d": {"medium": "step-260000", "expert": "step-330000"},
 }
+# Dataset versions. v0: the snapshots of checkpoints/behavior (the data every shipped policy was
+# trained on; cards "<family>-<kind>"). v1 (issue #23): SAC slowed down so that it reaches the
+# medium level at D4RL's replay-buffer sizes (checkpoints/behavior-v1, a snapshot every 10k steps;
+# cards "<family>-<kind>-v1"). A v1 medium snapshot is the run's first one past MEDIUM_TARGET (D4RL
+# stopped its medium policies early); an expert is reused from v0 only where it reaches D4RL's expert
+# level (EXPERT_TARGET). v1 cards exist only where their behaviors do.
+BEHAVIOR_DIRS = {0: "checkpoints/behavior", 1: "checkpoints/behavior-v1"}
+EXPERT_TARGET = {"hopper": 100.0, "halfcheetah": 90.0, "walker2d": 100.0}
+PINNED_V1 = {
+    # 2 gradient steps per 3 env steps: first past 44 at 290k (53.8); v0's expert (109.6)
+    "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
+    # 1 gradient step per 2 env steps: first past 40 at 150k (54.5); no expert at 90 yet
+    "halfcheetah": {"medium": "step-150000", "expert": None},
+}
+# D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
+# where not recorded here. The v1 targets: means within 25%, medium-replay 0.15M-0.5M steps.
+D4RL_DATASETS = {
+    "hopper": {"medium": (1_000_000, 44.0), "medium-replay": (400_000, 15.0), "medium-expert": (2_000_000, None)},
+    "halfcheetah": {"medium": (1_000_000, 40.0), "medium-replay": (200_000, 27.0),
+                    "medium-expert": (2_000_000, None)},
+    "walker2d": {"medium": (1_000_000, 62.0), "medium-replay": (300_000, 15.0), "medium-expert": (2_000_000, None)},
+}
 DEFAULT_SEED = 0
 DEFAULT_NUM_ENVS = 16
 KINDS = ("medium", "medium-replay", "medium-expert")
@@ -103,15 +125,18 @@ def make_env(env_id: str, **kwargs):
         return gym.make(env_id, **kwargs)
 
 
-def behavior_dir() -> Path:
-    """The shipped ``checkpoints/behavior`` (repository or installed package data, see
-    :mod:`diffplan.resources`; override: ``DIFFPLAN_BEHAVIOR_DIR``)."""
+def behavior_dir(version: int = 0) -> Path:
+    """The shipped ``checkpoints/behavior`` (``behavior-v1`` for ``version`` 1; repository or
+    installed package data, see :mod:`diffplan.resources`; override of v0: ``DIFFPLAN_BEHAVIOR_DIR``)."""
     from diffplan.resources import PACKAGE_DIR, shipped
 
+    if version not in BEHAVIOR_DIRS:
+        raise ValueError(f"unknown locomotion dataset version {version}; known: {sorted(BEHAVIOR_DIRS)}")
     env = os.environ.get("DIFFPLAN_BEHAVIOR_DIR")
-    if env:
+    if env and version == 0:
         return Path(env)
-    return shipped("checkpoints/behavior") or PACKAGE_DIR / "checkpoints" / "behavior"
+    rel = BEHAVIOR_DIRS[version]
+    return shipped(rel) or PACKAGE_DIR / rel
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,25 +174,48 @@ def _by_name(snaps: list[Snapshot], name: str) -> Snapshot:
     raise FileNotFoundError(f"pinned behavior snapshot {name} is not shipped")
 
 
-def medium_snapshot(family: str, root: Path | None = None) -> Snapshot:
-    snaps = list_snapshots(family, root)
+def _snapshots(family: str, root: Path | None, version: int) -> list[Snapshot]:
+    snaps = list_snapshots(family, root or behavior_dir(version))
     if not snaps:
-        raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
-    if root is None and PINNED[family]["medium"]:  # pins name shipped snapshots
-        return _by_name(snaps, PINNED[family]["medium"])
+        raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir(version)}")
+    return snaps
+
+
+def medium_snapshot(family: str, root: Path | None = None, version: int = 0) -> Snapshot:
+    """v0: the snapshot scored closest to MEDIUM_TARGET; v1: the first one at or past it. Shipped
+    snapshots (``root`` None) are pinned by name."""
+    snaps = _snapshots(family, root, version)
+    pins = PINNED if version == 0 else PINNED_V1
+    if root is None and family in pins and pins[family]["medium"]:  # pins name shipped snapshots
+        return _by_name(snaps, pins[family]["medium"])
     target = MEDIUM_TARGET[family]
     scored = [s for s in snaps if s.score is not None]
-    return min(scored, key=lambda s: (abs(s.score - target), s.step))
+    if version == 0:
+        return min(scored, key=lambda s: (abs(s.score - target), s.step))
+    past = [s for s in scored if s.score >= target]
+    if not past:
+        raise FileNotFoundError(f"no {family} v1 behavior snapshot reaches the medium level ({target:g})")
+    return past[0]
 
 
-def expert_snapshot(family: str, root: Path | None = None) -> Snapshot:
-    snaps = list_snapshots(family, root)
-    if not snaps:
-        raise FileNotFoundError(f"no behavior snapshots for {family} under {root or behavior_dir()}")
-    if root is None and PINNED[family]["expert"]:
-        return _by_name(snaps, PINNED[family]["expert"])
-    scored = [s for s in snaps if s.score is not None]
-    return max(scored, key=lambda s: (s.score, -s.step))
+def expert_snapshot(family: str, root: Path | None = None, version: int = 0) -> Snapshot:
+    """v0: the best snapshot (pinned when shipped); v1: its pin (which may name a v0 snapshot), else
+    the best one if it reaches EXPERT_TARGET."""
+    if version == 0:
+        snaps = _snapshots(family, root, 0)
+        if root is None and PINNED[family]["expert"]:
+            return _by_name(snaps, PINNED[family]["expert"])
+        scored = [s for s in snaps if s.score is not None]
+        return max(scored, key=lambda s: (s.score, -s.step))
+    pin = PINNED_V1.get(family, {}).get("expert") if root is None else None
+    if pin:
+        return _by_name(_snapshots(family, None, pin[0]), pin[1])
+    best = max((s for s in _snapshots(family, root, version) if s.score is not None),
+               key=lambda s: (s.score, -s.step))
+    if best.score < EXPERT_TARGET[family]:
+        raise FileNotFoundError(f"no {family} v1 expert: the best snapshot scores {best.score:.1f}, "
+                                f"below D4RL's expert level ({EXPERT_TARGET[family]:g})")
+    return best
 
 
 # --------------------------------------------------------------------------------------------
@@ -292,22 +340,22 @@ class Segment:
 
 
 def recipe(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
-           root: Path | None = None) -> list[Segment]:
+           root: Path | None = None, version: int = 0) -> list[Segment]:
     """The segments a dataset is made of. ``steps`` rescales the recipe (tests use small ones);
     default 1M per behavior for medium / medium-expert, ``M`` for medium-replay."""
     if kind not in KINDS:
         raise KeyError(f"unknown locomotion dataset kind {kind!r}; one of {KINDS}")
-    med = medium_snapshot(family, root)
+    med = medium_snapshot(family, root, version)
     if kind == "medium":
         return [Segment(med.path, steps or 1_000_000, seed, f"medium:{med.path.name}")]
     if kind == "medium-expert":
-        exp = expert_snapshot(family, root)
+        exp = expert_snapshot(family, root, version)
         n = (steps // 2) if steps else 1_000_000
         return [Segment(med.path, n, seed, f"medium:{med.path.name}"),
                 Segment(exp.path, (steps - n) if steps else 1_000_000, seed + 1,
                         f"expert:{exp.path.name}")]
     # medium-replay: stretches of training time [b_k, b_{k+1}) up to the medium snapshot's step
-    snaps = [s for s in list_snapshots(family, root) if s.step < med.step]
+    snaps = [s for s in list_snapshots(family, root or behavior_dir(version)) if s.step < med.step]
     bounds = sorted({0, LEARNING_STARTS, med.step}
                     | {s.step for s in snaps if LEARNING_STARTS < s.step < med.step})
     bounds = [b for b in bounds if b <= med.step]
@@ -315,6 +363,13 @@ def recipe(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT
     for b in bounds[:-1]:
         before = [s for s in snaps if s.step <= b]
         owners.append(None if b < LEARNING_STARTS or not before else before[-1])
+    if version >= 1:
+        # v1: each stretch is rolled out by the snapshot that ends it, the policy SAC trained during
+        # it (v0 keeps the one that starts it, so its arrays stay as they were). Measured against the
+        # real buffer of the hopper v1 run up to 290k (2,138 episodes, mean normalized return 12.1):
+        # end snapshots 2,099 / 12.3; half start, half end 2,389 / 10.7; start snapshots 2,634 / 9.6.
+        at = {s.step: s for s in snaps} | {med.step: med}
+        owners = [o if o is None else at.get(stop, o) for o, stop in zip(owners, bounds[1:])]
     lengths = np.diff(bounds)
     total = int(lengths.sum())
     if steps:  # rescale, keeping every stretch's share
@@ -331,18 +386,18 @@ def recipe(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT
 
 def generate(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
              num_envs: int = DEFAULT_NUM_ENVS, progress: bool = True,
-             root: Path | None = None) -> tuple[dict[str, np.ndarray], dict]:
+             root: Path | None = None, version: int = 0) -> tuple[dict[str, np.ndarray], dict]:
     """Arrays (D4RL keys) and a small info dict describing the recipe that made them."""
     import torch
 
     env_id = FAMILIES[family]
-    segs = recipe(family, kind, steps, seed, root)
+    segs = recipe(family, kind, steps, seed, root, version)
     total = sum(s.steps for s in segs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=f"{family}-{kind}", unit="step", smoothing=0.05)
+        bar = tqdm(total=total, desc=task_name(family, kind, version), unit="step", smoothing=0.05)
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batched MLP: threads only add overhead
     parts = []
@@ -355,24 +410,45 @@ def generate(family: str, kind: str, steps: int | None = None, seed: int = DEFAU
         torch.set_num_threads(prev_threads)
         if bar:
             bar.close()
-    info = {"task": f"{family}-{kind}", "env_id": env_id, "seed": seed, "num_envs": num_envs,
+    info = {"task": task_name(family, kind, version), "env_id": env_id, "seed": seed, "num_envs": num_envs,
             "segments": [{"behavior": s.label, "steps": s.steps, "seed": s.seed} for s in segs]}
     return concat(parts), info
 
 
+def task_name(family: str, kind: str, version: int = 0) -> str:
+    """``hopper-medium`` (v0) or ``hopper-medium-v1``."""
+    return f"{family}-{kind}" + (f"-v{version}" if version else "")
+
+
 def make_dataset(family: str, kind: str, steps: int | None = None, seed: int = DEFAULT_SEED,
-                 num_envs: int = DEFAULT_NUM_ENVS, progress: bool = True, root: Path | None = None):
+                 num_envs: int = DEFAULT_NUM_ENVS, progress: bool = True, root: Path | None = None,
+                 version: int = 0):
     """The task's dataset as a :class:`diffplan.data.OfflineDataset` (D4RL reference scores)."""
     import json
 
     from diffplan.data import OfflineDataset
 
-    arrays, info = generate(family, kind, steps, seed, num_envs, progress, root)
+    arrays, info = generate(family, kind, steps, seed, num_envs, progress, root, version)
     ref_min, ref_max = D4RL_REF[family]
     return OfflineDataset(**arrays, env_id=FAMILIES[family], env_kwargs={},
                           ref_min_score=ref_min, ref_max_score=ref_max,
                           source="diffplan.envs.locomotion " + json.dumps(info["segments"]),
-                          task=f"{family}-{kind}")
+                          task=task_name(family, kind, version))
+
+
+def dataset_stats(data, family: str) -> dict:
+    """What a task card records of its dataset: env steps, complete episodes, and the mean / min /
+    max D4RL-normalized episode return (episodes end at a terminal or a timeout)."""
+    arrays = data if isinstance(data, dict) else vars(data)
+    rewards = np.asarray(arrays["rewards"], np.float64)
+    ends = np.asarray(arrays["terminals"], bool) | np.asarray(arrays["timeouts"], bool)
+    stops = np.flatnonzero(ends) + 1
+    returns = np.add.reduceat(rewards, np.r_[0, stops[:-1]]) if len(stops) else np.zeros(0)
+    lo, hi = D4RL_REF[family]
+    score = 100.0 * (returns - lo) / (hi - lo)
+    return {"steps": int(len(rewards)), "episodes": int(len(stops)),
+            "mean": round(float(score.mean()), 2), "min": round(float(score.min()), 2),
+            "max": round(float(score.max()), 2)}
 
 
 def prune_snapshots(family: str, keep: int = 8, root: Path | None = None,
@@ -442,14 +518,39 @@ _DESCRIPTIONS = {
     "medium-replay": "SAC's replay buffer up to the medium snapshot ({med}, step {m}): uniform random "
                      "actions for the first 10k steps, then each shipped snapshot for the training "
                      "steps until the next one",
+    "medium-replay-v1": "SAC's replay buffer up to the medium snapshot ({med}, step {m}): uniform random "
+                        "actions for the first 10k steps, then each shipped snapshot for the training "
+                        "steps up to it (since the one before)",
     "medium-expert": "the medium dataset (1M steps of {med}) then 1M steps of the expert snapshot "
                      "({exp}), stochastic actions",
 }
 
 
+_V1_WORDS = {
+    "hopper": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
+    "halfcheetah": "SAC at 1 gradient step per 2 env steps, a snapshot every 10k steps",
+}
+# What each made dataset holds (dataset_stats of the arrays `diffplan data make` writes; the tests
+# check them against the arrays): env steps, complete episodes, mean / min / max D4RL-normalized
+# episode return. D4RL's beside them: D4RL_DATASETS.
+DATASET_STATS: dict[str, dict] = {
+    "hopper-medium": {"steps": 1000000, "episodes": 2221, "mean": 45.93, "min": 1.89, "max": 97.44},
+    "hopper-medium-replay": {"steps": 110000, "episodes": 2045, "mean": 4.07, "min": 0.68, "max": 54.72},
+    "halfcheetah-medium": {"steps": 1000000, "episodes": 1000, "mean": 40.2, "min": 2.55, "max": 43.91},
+    "halfcheetah-medium-replay": {"steps": 100000, "episodes": 100, "mean": 16.6, "min": -1.5, "max": 39.68},
+    "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
+    "hopper-medium-v1": {"steps": 1000000, "episodes": 1927, "mean": 56.11, "min": 14.53, "max": 111.51},
+    "hopper-medium-replay-v1": {"steps": 290000, "episodes": 2102, "mean": 12.28, "min": 0.69, "max": 91.98},
+    "hopper-medium-expert-v1": {"steps": 2000000, "episodes": 3086, "mean": 70.21, "min": 14.53, "max": 111.51},
+    "halfcheetah-medium-v1": {"steps": 1000000, "episodes": 1000, "mean": 41.38, "min": 16.83, "max": 43.18},
+    "halfcheetah-medium-replay-v1": {"steps": 150000, "episodes": 150, "mean": 22.71, "min": -1.5, "max": 42.14},
+}
+
+
 def _build_dataset(card, steps: int, seed: int, progress: bool):
     family, kind = card.extras["behavior_family"], card.extras["kind"]
-    return make_dataset(family, kind, steps=steps, seed=seed, progress=progress)
+    return make_dataset(family, kind, steps=steps, seed=seed, progress=progress,
+                        version=card.dataset_version)
 
 
 def _build_env(card, render_mode=None):
@@ -463,44 +564,61 @@ def _build_expert(card):
     return behavior_policy(card.extras["behavior_family"], "expert")
 
 
+def _versions(family: str) -> list[tuple[int, tuple[str, ...]]]:
+    """(version, kinds) with behaviors for ``family``: v0 always, v1 where its snapshots are shipped
+    (medium-expert-v1 only with an expert at D4RL's level)."""
+    out = [(0, KINDS)]
+    if family in PINNED_V1 and list_snapshots(family, behavior_dir(1)):
+        out.append((1, KINDS if PINNED_V1[family]["expert"] else ("medium", "medium-replay")))
+    return out
+
+
 def task_cards() -> list:
-    """The nine locomotion cards; datasets need the shipped behavior snapshots."""
+    """The nine locomotion cards (v0), and the v1 ones whose behaviors are shipped."""
     from .tasks import TaskCard
 
     cards = []
     for family, env_id in FAMILIES.items():
         lo, hi = D4RL_REF[family]
-        try:
-            med, exp = medium_snapshot(family), expert_snapshot(family)
-        except FileNotFoundError:
-            med = exp = None
-        for kind in KINDS:
-            if kind == "medium":
-                n = 1_000_000
-            elif kind == "medium-expert":
-                n = 2_000_000
-            else:
-                n = med.step if med else 0
-            words = _DESCRIPTIONS[kind].format(
-                med=med.path.name if med else "?", exp=exp.path.name if exp else "?",
-                m=med.step if med else "?", target=MEDIUM_TARGET[family])
-            cards.append(TaskCard(
-                name=f"{family}-{kind}", env_id=env_id, collect_kwargs={}, eval_kwargs={},
-                episode_steps=EPISODE_STEPS, ref_min_score=lo, ref_max_score=hi,
-                ref_note=(f"D4RL reference returns for {family} (random {lo:g}, expert {hi:g}); "
-                          f"uniform random actions score {RANDOM_RETURN_V5[family]:g} in {env_id} "
-                          "(100 episodes of <= 1000 steps, seeds 0-99)"),
-                recipe=(words + f"; episodes cut at {EPISODE_STEPS} steps (timeouts), terminals "
-                        f"from the env; {DEFAULT_NUM_ENVS} envs side by side"),
-                dataset_steps=n, dataset_seed=DEFAULT_SEED,
-                build_dataset=_build_dataset, build_env=_build_env, build_expert=_build_expert,
-                d4rl_ref_min_score=lo, d4rl_ref_max_score=hi, is_goal_env=False,
-                family="locomotion",
-                extras={"behavior_family": family, "kind": kind,
-                        "random_return_v5": RANDOM_RETURN_V5[family],
-                        "medium_snapshot": med.path.name if med else None,
-                        "expert_snapshot": exp.path.name if exp else None,
-                        "medium_target_d4rl_score": MEDIUM_TARGET[family]}))
+        for version, kinds in _versions(family):
+            try:
+                med = medium_snapshot(family, version=version)
+                exp = expert_snapshot(family, version=version) if "medium-expert" in kinds else None
+            except FileNotFoundError:
+                med = exp = None
+            for kind in kinds:
+                if kind == "medium":
+                    n = 1_000_000
+                elif kind == "medium-expert":
+                    n = 2_000_000
+                else:
+                    n = med.step if med else 0
+                words = _DESCRIPTIONS.get(f"{kind}-v{version}", _DESCRIPTIONS[kind]).format(
+                    med=med.path.name if med else "?", exp=exp.path.name if exp else "?",
+                    m=med.step if med else "?", target=MEDIUM_TARGET[family])
+                if version:
+                    words += f" ({BEHAVIOR_DIRS[version]}/{family}: {_V1_WORDS[family]})"
+                name = task_name(family, kind, version)
+                d4rl_steps, d4rl_mean = D4RL_DATASETS[family][kind]
+                cards.append(TaskCard(
+                    name=name, env_id=env_id, collect_kwargs={}, eval_kwargs={},
+                    episode_steps=EPISODE_STEPS, ref_min_score=lo, ref_max_score=hi,
+                    ref_note=(f"D4RL reference returns for {family} (random {lo:g}, expert {hi:g}); "
+                              f"uniform random actions score {RANDOM_RETURN_V5[family]:g} in {env_id} "
+                              "(100 episodes of <= 1000 steps, seeds 0-99)"),
+                    recipe=(words + f"; episodes cut at {EPISODE_STEPS} steps (timeouts), terminals "
+                            f"from the env; {DEFAULT_NUM_ENVS} envs side by side"),
+                    dataset_steps=n, dataset_seed=DEFAULT_SEED,
+                    build_dataset=_build_dataset, build_env=_build_env, build_expert=_build_expert,
+                    d4rl_ref_min_score=lo, d4rl_ref_max_score=hi, is_goal_env=False,
+                    family="locomotion", dataset_version=version,
+                    extras={"behavior_family": family, "kind": kind,
+                            "random_return_v5": RANDOM_RETURN_V5[family],
+                            "medium_snapshot": med.path.name if med else None,
+                            "expert_snapshot": exp.path.name if exp else None,
+                            "medium_target_d4rl_score": MEDIUM_TARGET[family],
+                            "stats": DATASET_STATS.get(name),
+                            "d4rl_stats": {"steps": d4rl_steps, "mean": d4rl_mean}}))
     return cards
 
 

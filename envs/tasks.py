@@ -73,8 +73,10 @@ class TaskCard:
 
     @property
     def dataset_id(self) -> str:
-        """The Minari id the made dataset is cached under, e.g. ``diffplan/pointmaze-umaze-v0``."""
-        return f"diffplan/{self.name}-v{self.dataset_version}"
+        """The Minari id the made dataset is cached under, e.g. ``diffplan/pointmaze-umaze-v0``; a
+        card named for its version (``hopper-medium-v1``) is not suffixed twice."""
+        suffix = f"-v{self.dataset_version}"
+        return f"diffplan/{self.name.removesuffix(suffix)}{suffix}"
 
     def make_dataset(self, progress: bool = True, *, steps: int | None = None,
                      seed: int | None = None) -> OfflineDataset:

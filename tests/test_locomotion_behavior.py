@@ -104,8 +104,11 @@ def test_sac_training_records_its_pace_settings_and_resumes(tmp_path):
     meta = yaml.safe_load((out / "step-200" / "actor.yaml").read_text())
     extra = meta["extra"]
     assert (extra["train_freq"], extra["gradient_steps"]) == (3, 2) and extra["learning_rate"] == pytest.approx(1e-4)
+    with open(out / "progress.csv", "a") as f:  # a run killed after its last saved state logged step 300
+        f.write("300,1.0,0.0,0.0,1,0.0,0.0,step-300\n")
     B.train("Hopper-v5", 100, out, resume=True, **kw)
     steps = [int(r.split(",")[0]) for r in (out / "progress.csv").read_text().splitlines()[1:]]
-    assert steps == [100, 200, 300]
+    assert steps == [100, 200, 300]  # the redone step is logged once, by the resumed run
+    assert (out / "progress.csv").read_text().splitlines()[-1].split(",")[1] != "1.0"
     with pytest.raises(ValueError, match="train_freq must be >= 1"):
         B.train("Hopper-v5", 100, tmp_path / "bad", state_dir=tmp_path / "bad-state", train_freq=0)

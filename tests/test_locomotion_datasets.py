@@ -133,3 +133,68 @@ def test_prune_keeps_medium_expert_and_replay_spread(tmp_path):
     assert sorted(p.name for p in (tmp_path / "pruned").iterdir()) == sorted(moved)
     assert L.medium_snapshot("hopper", root).step == 70_000
     assert L.expert_snapshot("hopper", root).step == 110_000
+
+
+# ---------------------------------------------------------------------------------------------
+# Dataset versions (issue #23): v1 behaviors live beside v0's; both stay loadable
+# ---------------------------------------------------------------------------------------------
+
+
+def test_v1_snapshot_choice_and_replay_owners(root):
+    # v1's medium is the first snapshot at or past the medium level (44), not the closest one
+    assert L.medium_snapshot("hopper", root, version=1).step == 30_000
+    _write_snapshots(root, "walker2d", ((10_000, 5.0), (20_000, 70.0), (30_000, 63.0)))
+    assert L.medium_snapshot("walker2d", root, version=0).step == 30_000  # closest to 62
+    assert L.medium_snapshot("walker2d", root, version=1).step == 20_000  # first past 62
+    with pytest.raises(FileNotFoundError, match="below D4RL's expert level"):
+        L.expert_snapshot("walker2d", root, version=1)  # 70 < 100: no v1 medium-expert
+    # v1 rolls each stretch out by the snapshot that ends it; v0 by the one that starts it
+    v0 = L.recipe("hopper", "medium-replay", root=root, version=0)
+    v1 = L.recipe("hopper", "medium-replay", root=root, version=1)
+    assert [s.label for s in v0] == ["random", "replay:step-10000", "replay:step-20000"]
+    assert [s.label for s in v1] == ["random", "replay:step-20000", "replay:step-30000"]
+    assert [s.steps for s in v1] == [s.steps for s in v0]
+    a, _ = L.generate("hopper", "medium-replay", steps=1200, num_envs=4, progress=False, root=root, version=1)
+    b, _ = L.generate("hopper", "medium-replay", steps=1200, num_envs=4, progress=False, root=root, version=1)
+    for k in L.KEYS:  # regenerating v1 gives identical arrays
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_dataset_stats_count_episodes_and_normalize():
+    lo, hi = L.D4RL_REF["hopper"]
+    d = {"rewards": np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32),
+         "terminals": np.array([0, 1, 0, 0, 0], bool), "timeouts": np.array([0, 0, 0, 0, 1], bool)}
+    s = L.dataset_stats(d, "hopper")
+    norm = [100 * (3.0 - lo) / (hi - lo), 100 * (12.0 - lo) / (hi - lo)]
+    assert (s["steps"], s["episodes"]) == (5, 2)
+    assert s["mean"] == pytest.approx(np.mean(norm), abs=0.01)
+    assert (s["min"], s["max"]) == (pytest.approx(norm[0], abs=0.01), pytest.approx(norm[1], abs=0.01))
+
+
+def test_v0_and_v1_cards_both_load(tmp_path, monkeypatch):
+    """The shipped cards: v0 keeps its name and Minari id; v1 has its own; both make and load."""
+    from diffplan.envs.tasks import get_task
+
+    v0, v1 = get_task("hopper-medium-replay"), get_task("hopper-medium-replay-v1")
+    assert (v0.dataset_id, v1.dataset_id) == ("diffplan/hopper-medium-replay-v0", "diffplan/hopper-medium-replay-v1")
+    assert v1.extras["d4rl_stats"]["steps"] == 400_000 and v1.dataset_version == 1
+    assert v0.extras["medium_snapshot"] == L.PINNED["hopper"]["medium"]
+    assert v1.extras["medium_snapshot"] == L.PINNED_V1["hopper"]["medium"]
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path / "minari"))
+    for card in (v0, v1):
+        small = card.replace(dataset_steps=600)
+        small.cache_dataset(progress=False)
+        data = small.load_dataset(progress=False)
+        assert len(data.rewards) == 600 and data.task == card.name
+
+
+@pytest.mark.parametrize("name", ["halfcheetah-medium-replay-v1"])
+def test_task_card_statistics_match_the_arrays(name):
+    """A card's recorded statistics are those of the arrays its recipe makes (the smallest v1 set,
+    150k steps, about 30 s; the others were recorded the same way by `diffplan data make`)."""
+    from diffplan.envs.tasks import get_task
+
+    card = get_task(name)
+    assert card.extras["stats"] is not None, f"{name}: no statistics recorded on the card"
+    data = card.make_dataset(progress=False)
+    assert L.dataset_stats(data, card.extras["behavior_family"]) == card.extras["stats"]
