@@ -1,6 +1,6 @@
 """Issue #22 on a GPU: eager against CUDA-graph-captured plans, and training steps/s.
 
-    python benchmarks/cuda_graphs.py [--replans 200] [--envs 4096]
+    python benchmarks/cuda_graphs.py [--replans 200] [--envs 4096] [--compile] [--plans-only]
 
 Needs a CUDA device; on a machine without one it prints one line and exits 2 (nothing measured).
 About 10 minutes on an H200 (most of it loading, capturing and the training part). Records:
@@ -9,7 +9,8 @@ About 10 minutes on an H200 (most of it loading, capturing and the training part
    ``--replans`` replans through ``policy.act`` (every plan forgotten first): the umaze Diffuser at
    DDIM-10 (target <= 1.5 ms captured), the hopper value-guided Diffuser (its shipped 20 DDIM steps,
    8 candidates; target <= 5 ms) and the umaze and hopper anchored policies (target >= 5,000
-   replans/s).
+   replans/s). With ``--compile``, the two Diffusers once more with ``runtime.compile`` (their
+   denoiser through ``torch.compile``), captured.
 2. Anchored env decisions/s at ``--envs`` envs with its action queue (envs / mean ``act``
    latency), eager and captured (target >= 1,000,000).
 3. TemporalUNet training steps/s and samples/s, eager (x0 loss, fused AdamW, EMA every step; the
