@@ -125,12 +125,12 @@ def _dataset_row(task, fam, kind, version, env_id, steps, num_envs, regenerate) 
 
 
 def shipped_checkpoints(families, kinds_filter: set[str] | None = None,
-                        dataset_kinds=L.KINDS) -> list[Path]:
-    """``checkpoints/<family>-<kind>/<policy>/`` folders with weights, BC first per task."""
+                        dataset_kinds=L.KINDS, versions=(0,)) -> list[Path]:
+    """``checkpoints/<family>-<kind>[-v1]/<policy>/`` folders with weights, BC first per task."""
     out = []
     for fam in families:
         for task_dir in sorted(ROOT.glob(f"checkpoints/{fam}-*")):
-            if task_dir.name not in {f"{fam}-{k}" for k in dataset_kinds}:
+            if task_dir.name not in {L.task_name(fam, k, v) for k in dataset_kinds for v in versions}:
                 continue
             folders = sorted(p.parent for p in task_dir.glob("*/model.safetensors"))
             folders.sort(key=lambda p: (p.name != "bc", p.name))
@@ -286,7 +286,7 @@ def main(argv=None) -> None:
             _record_versions(rows)
     if a.policies:
         kinds = set(filter(None, a.policy_kinds.split(","))) or None
-        folders = shipped_checkpoints(a.families, kinds, a.kinds)
+        folders = shipped_checkpoints(a.families, kinds, a.kinds, a.versions)
         rows = policy_rows(folders, a.episodes, a.eval_envs, a.seed, a.write_metrics)
         result["policies"] = rows
         print()

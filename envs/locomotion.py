@@ -69,7 +69,7 @@ EXPERT_TARGET = {"hopper": 100.0, "halfcheetah": 90.0, "walker2d": 100.0}
 PINNED_V1 = {
     # 2 gradient steps per 3 env steps: first past 44 at 290k (53.8); v0's expert (109.6)
     "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
-    # 1 gradient step per 2 env steps: first past 40 at 150k (54.5); no expert at 90 yet
+    # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet
     "halfcheetah": {"medium": "step-150000", "expert": None},
 }
 # D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
