@@ -536,14 +536,18 @@ _V1_WORDS = {
 DATASET_STATS: dict[str, dict] = {
     "hopper-medium": {"steps": 1000000, "episodes": 2221, "mean": 45.93, "min": 1.89, "max": 97.44},
     "hopper-medium-replay": {"steps": 110000, "episodes": 2045, "mean": 4.07, "min": 0.68, "max": 54.72},
-    "halfcheetah-medium": {"steps": 1000000, "episodes": 1000, "mean": 40.2, "min": 2.55, "max": 43.91},
-    "halfcheetah-medium-replay": {"steps": 100000, "episodes": 100, "mean": 16.6, "min": -1.5, "max": 39.68},
-    "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
+    "hopper-medium-expert": {"steps": 2000000, "episodes": 3380, "mean": 62.3, "min": 1.89, "max": 110.2},
     "hopper-medium-v1": {"steps": 1000000, "episodes": 1927, "mean": 56.11, "min": 14.53, "max": 111.51},
     "hopper-medium-replay-v1": {"steps": 290000, "episodes": 2102, "mean": 12.28, "min": 0.69, "max": 91.98},
     "hopper-medium-expert-v1": {"steps": 2000000, "episodes": 3086, "mean": 70.21, "min": 14.53, "max": 111.51},
+    "halfcheetah-medium": {"steps": 1000000, "episodes": 1000, "mean": 40.2, "min": 2.55, "max": 43.91},
+    "halfcheetah-medium-replay": {"steps": 100000, "episodes": 100, "mean": 16.6, "min": -1.5, "max": 39.68},
+    "halfcheetah-medium-expert": {"steps": 2000000, "episodes": 2000, "mean": 53.61, "min": 2.55, "max": 69.7},
     "halfcheetah-medium-v1": {"steps": 1000000, "episodes": 1000, "mean": 41.38, "min": 16.83, "max": 43.18},
     "halfcheetah-medium-replay-v1": {"steps": 150000, "episodes": 150, "mean": 22.71, "min": -1.5, "max": 42.14},
+    "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
+    "walker2d-medium-replay": {"steps": 260000, "episodes": 4722, "mean": 1.92, "min": -0.29, "max": 69.51},
+    "walker2d-medium-expert": {"steps": 2000000, "episodes": 2405, "mean": 59.82, "min": 1.05, "max": 79.18},
 }
 
 
