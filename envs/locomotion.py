@@ -71,6 +71,8 @@ PINNED_V1 = {
     "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
     # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet
     "halfcheetah": {"medium": "step-150000", "expert": None},
+    # rl-zoo's 1 gradient step per env step (as v0, denser snapshots): first past 62 at 280k (70.6)
+    "walker2d": {"medium": "step-280000", "expert": None},
 }
 # D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
 # where not recorded here. The v1 targets: means within 25%, medium-replay 0.15M-0.5M steps.
@@ -529,6 +531,7 @@ _DESCRIPTIONS = {
 _V1_WORDS = {
     "hopper": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
     "halfcheetah": "SAC at 1 gradient step per 2 env steps, a snapshot every 10k steps",
+    "walker2d": "SAC at rl-zoo's 1 gradient step per env step, a snapshot every 10k steps",
 }
 # What each made dataset holds (dataset_stats of the arrays `diffplan data make` writes; the tests
 # check them against the arrays): env steps, complete episodes, mean / min / max D4RL-normalized
