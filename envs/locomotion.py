@@ -551,6 +551,8 @@ DATASET_STATS: dict[str, dict] = {
     "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
     "walker2d-medium-replay": {"steps": 260000, "episodes": 4722, "mean": 1.92, "min": -0.29, "max": 69.51},
     "walker2d-medium-expert": {"steps": 2000000, "episodes": 2405, "mean": 59.82, "min": 1.05, "max": 79.18},
+    "walker2d-medium-v1": {"steps": 1000000, "episodes": 1275, "mean": 56.01, "min": -1.53, "max": 78.15},
+    "walker2d-medium-replay-v1": {"steps": 280000, "episodes": 1540, "mean": 8.69, "min": -0.51, "max": 75.31},
 }
 
 
