@@ -201,7 +201,12 @@ def get_task(name: str) -> TaskCard:
         return name
     _load_task_modules()
     if name not in _REGISTRY:
-        raise UnknownTaskError(f"unknown task '{name}'; known tasks: {', '.join(list_tasks())}")
+        base, _, version = name.rpartition("-v")
+        hint = ""
+        if version.isdigit() and base in _REGISTRY:  # e.g. a v1 locomotion card outside a checkout
+            hint = (f"; '{base}' has no version {version} here (the locomotion v1 cards need "
+                    "checkpoints/behavior-v1/, which is in the repository, not in the wheel)")
+        raise UnknownTaskError(f"unknown task '{name}'{hint}; known tasks: {', '.join(list_tasks())}")
     return _REGISTRY[name]
 
 

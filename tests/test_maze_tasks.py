@@ -60,6 +60,9 @@ def test_eval_env_spec_rebuilds_the_goal_wrapper():
 def test_unknown_task_lists_known_ones():
     with pytest.raises(UnknownTaskError, match="unknown task 'pointmaze-huge'.*pointmaze-umaze"):
         get_task("pointmaze-huge")
+    # a version that is not registered here names the version, not just the name
+    with pytest.raises(UnknownTaskError, match="'pointmaze-umaze' has no version 3 here"):
+        get_task("pointmaze-umaze-v3")
     assert set(MAZES) <= set(list_tasks())
 
 
