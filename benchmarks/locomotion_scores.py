@@ -61,22 +61,12 @@ def snapshot_rows() -> list[dict]:
     return rows
 
 
-def episode_returns(d: dict[str, np.ndarray]) -> np.ndarray:
-    ends = np.flatnonzero(d["terminals"] | d["timeouts"]) + 1
-    if len(ends) == 0 or ends[-1] != len(d["rewards"]):
-        ends = np.r_[ends, len(d["rewards"])]
-    return np.add.reduceat(d["rewards"].astype(np.float64), np.r_[0, ends[:-1]])
-
-
 def _cached(task: str):
-    """The made dataset of ``task`` as a dict of arrays (None when it is not made)."""
+    """The made dataset of ``task`` (an OfflineDataset), or None when it is not made."""
     from diffplan.envs import get_task
 
     card = get_task(task)
-    if not card.dataset_is_made():
-        return None
-    data = card.load_dataset(progress=False)
-    return {k: getattr(data, k) for k in ("rewards", "terminals", "timeouts")}
+    return card.load_dataset(progress=False) if card.dataset_is_made() else None
 
 
 def dataset_rows(steps: int | None, num_envs: int, families, kinds,
@@ -104,19 +94,21 @@ def _dataset_row(task, fam, kind, version, env_id, steps, num_envs, regenerate) 
     source, dt, segments = "cache", None, None
     if d is None:
         t0 = time.time()
-        d, info = L.generate(fam, kind, steps=steps, num_envs=num_envs, progress=True, version=version)
-        dt, source, segments = time.time() - t0, "generated", info["segments"]
-    rets = episode_returns(d)
-    stats = L.dataset_stats(d, fam)
+        d = L.make_dataset(fam, kind, steps=steps, num_envs=num_envs, progress=True, version=version)
+        dt, source = time.time() - t0, "generated"
+        segments = [{"behavior": s.label, "steps": s.steps, "seed": s.seed}
+                    for s in L.recipe(fam, kind, steps, version=version)]
+    rets = d.episode_returns()
+    stats = L.dataset_stats(d)
     d4rl_steps, d4rl_mean = L.D4RL_DATASETS[fam][kind]
     return {"task": task, "version": version, "stats": stats, "d4rl_steps": d4rl_steps, "d4rl_mean": d4rl_mean,
             "mean_within_25pct": None if d4rl_mean is None else abs(stats["mean"] - d4rl_mean) <= 0.25 * d4rl_mean,
             "size_in_range": (150_000 <= stats["steps"] <= 500_000) if kind == "medium-replay" else None,
-            "steps": int(len(d["rewards"])), "episodes": int(len(rets)),
+            "steps": len(d), "episodes": int(len(rets)),
             "return_mean": float(rets.mean()), "d4rl_score": d4rl_normalized(env_id, float(rets.mean())),
-            "terminals": int(d["terminals"].sum()), "timeouts": int(d["timeouts"].sum()),
+            "terminals": int(d.terminals.sum()), "timeouts": int(d.timeouts.sum()),
             "source": source, "gen_s": None if dt is None else round(dt, 1),
-            "steps_per_s": None if dt is None else round(len(d["rewards"]) / dt), "segments": segments}
+            "steps_per_s": None if dt is None else round(len(d) / dt), "segments": segments}
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 The Diffuser's U-Net and value net train side by side on the same windows, the U-Net never seeing
 the value net, so the A/B needs only a new value net: this trains one on the shipped checkpoint's
 dataset with ``termination_penalty: -100`` added to every terminal reward (the reference's value
-target; the return scale is refit on the penalized returns), beside the shipped U-Net, with the
-checkpoint's recipe (AdamW, its learning rate and batch size, cosine decay, EMA 0.995). Then one run
+target; the return scale is refit on the penalized returns), beside the shipped U-Net, through the
+``Trainer`` with the checkpoint's train recipe (run folder ``runs/value-penalty-<task>``). Then one run
 on tuning seeds (1000+) evaluates BC, the shipped Diffuser and the one with the penalized value net,
 at the shipped setting and with one temperature-0 plan, and records the rows under
 ``reference_deviations`` in ``benchmarks/RESULTS.md``.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import sys
 import time
 from pathlib import Path
@@ -30,36 +29,32 @@ from results import append_rows, stamp  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def penalized_value(policy, dataset, penalty: float, steps: int, lr: float, batch: int, seed: int = 0):
-    """A copy of ``policy`` whose value net is retrained on returns with ``penalty`` per termination."""
-    from diffplan.nn import EMA
+class _ValueOnly(torch.nn.Module):
+    """Trains only ``planner.value`` through the Trainer: the U-Net stays out of the module."""
+
+    def __init__(self, planner):
+        super().__init__()
+        self.value = planner.value
+        self.__dict__["planner"] = planner  # not a submodule: no gradients, no EMA, not saved
+
+    def loss(self, batch):
+        loss = self.planner.value_loss(self.planner.normalizer.normalize(batch["x"]), batch["value"])
+        return loss, {"value": loss.detach()}
+
+
+def penalized_value(policy, dataset, penalty: float, train: dict, out: Path):
+    """A copy of ``policy`` whose value net is retrained, with the checkpoint's ``train`` recipe, on
+    returns with ``penalty`` per termination."""
     from diffplan.policies.diffuser import DiffuserPlanner
+    from diffplan.train import Trainer
 
     cfg = dataclasses.replace(policy.config, termination_penalty=penalty)
-    torch.manual_seed(seed)
+    torch.manual_seed(train.get("seed", 0))
     fresh = DiffuserPlanner.from_dataset(dataset, cfg)  # a new value net; value_scale refit on penalized returns
     state = {k: v for k, v in policy.state_dict().items() if not k.startswith("value.") and k != "value_scale"}
     missing, unexpected = fresh.load_state_dict(state, strict=False)
     assert not unexpected and all(k.startswith("value.") or k == "value_scale" for k in missing), missing
-    opt = torch.optim.AdamW(fresh.value.parameters(), lr=lr, weight_decay=0.0)
-    ema = EMA(fresh.value, decay=0.995)
-    sample = fresh.batches(dataset, batch)
-    t0 = time.time()
-    for step in range(steps):
-        for group in opt.param_groups:  # cosine to 0.1 x, as the shipped recipe
-            group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        b = {k: torch.as_tensor(v) for k, v in sample(step, np.random.default_rng([seed, step])).items()}
-        x0 = fresh.normalizer.normalize(b["x"])
-        t = torch.rand(x0.shape[0])
-        xt = fresh.schedule.alpha(t)[:, None, None] * x0 + fresh.schedule.sigma(t)[:, None, None] * torch.randn_like(x0)
-        loss = (fresh.value(xt, t) - b["value"].reshape(-1) / fresh.value_scale).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        ema.update()
-        if step % 2000 == 0 or step == steps - 1:
-            print(f"value net step {step}: loss {loss.item():.4f} ({time.time() - t0:.0f} s)", flush=True)
-    ema.copy_to(fresh.value)
+    Trainer(_ValueOnly(fresh), fresh.batches(dataset, train["batch_size"]), train, out).fit()  # EMA weights in place
     return fresh.eval()
 
 
@@ -83,7 +78,8 @@ def main(argv=None) -> int:
     shipped = load_policy(ckpt)
     train = yaml.safe_load((ckpt / "config.yaml").read_text())["train"]  # our own shipped file
     dataset = get_task(a.task).load_dataset(progress=False)
-    penal = penalized_value(shipped, dataset, a.penalty, a.steps, float(train["lr"]), int(train["batch_size"]))
+    train = {**train, "steps": a.steps, "device": "cpu", "progress": True, "ckpt_every": a.steps}
+    penal = penalized_value(shipped, dataset, a.penalty, train, ROOT / "runs" / f"value-penalty-{a.task}")
     bc = load_policy(ROOT / "checkpoints" / a.task / "bc")
     one_plan = {"temperature": 0.0, "critic": None}
     rows = []

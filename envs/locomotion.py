@@ -438,19 +438,12 @@ def make_dataset(family: str, kind: str, steps: int | None = None, seed: int = D
                           task=task_name(family, kind, version))
 
 
-def dataset_stats(data, family: str) -> dict:
-    """What a task card records of its dataset: env steps, complete episodes, and the mean / min /
-    max D4RL-normalized episode return (episodes end at a terminal or a timeout)."""
-    arrays = data if isinstance(data, dict) else vars(data)
-    rewards = np.asarray(arrays["rewards"], np.float64)
-    ends = np.asarray(arrays["terminals"], bool) | np.asarray(arrays["timeouts"], bool)
-    stops = np.flatnonzero(ends) + 1
-    returns = np.add.reduceat(rewards, np.r_[0, stops[:-1]]) if len(stops) else np.zeros(0)
-    lo, hi = D4RL_REF[family]
-    score = 100.0 * (returns - lo) / (hi - lo)
-    return {"steps": int(len(rewards)), "episodes": int(len(stops)),
-            "mean": round(float(score.mean()), 2), "min": round(float(score.min()), 2),
-            "max": round(float(score.max()), 2)}
+def dataset_stats(data) -> dict:
+    """What a task card records of its dataset (an :class:`OfflineDataset` with reference scores):
+    env steps, episodes, and the mean / min / max D4RL-normalized episode return."""
+    score = data.normalized_score(data.episode_returns())
+    return {"steps": len(data), "episodes": data.num_episodes, "mean": round(float(score.mean()), 2),
+            "min": round(float(score.min()), 2), "max": round(float(score.max()), 2)}
 
 
 def prune_snapshots(family: str, keep: int = 8, root: Path | None = None,

@@ -161,10 +161,15 @@ def test_v1_snapshot_choice_and_replay_owners(root):
 
 
 def test_dataset_stats_count_episodes_and_normalize():
+    from diffplan.data import OfflineDataset
+
     lo, hi = L.D4RL_REF["hopper"]
-    d = {"rewards": np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32),
-         "terminals": np.array([0, 1, 0, 0, 0], bool), "timeouts": np.array([0, 0, 0, 0, 1], bool)}
-    s = L.dataset_stats(d, "hopper")
+    n = 5
+    d = OfflineDataset(observations=np.zeros((n, 11), np.float32), actions=np.zeros((n, 3), np.float32),
+                       rewards=np.array([1.0, 2.0, 3.0, 4.0, 5.0], np.float32),
+                       terminals=np.array([0, 1, 0, 0, 0], bool), timeouts=np.array([0, 0, 0, 0, 1], bool),
+                       ref_min_score=lo, ref_max_score=hi)
+    s = L.dataset_stats(d)
     norm = [100 * (3.0 - lo) / (hi - lo), 100 * (12.0 - lo) / (hi - lo)]
     assert (s["steps"], s["episodes"]) == (5, 2)
     assert s["mean"] == pytest.approx(np.mean(norm), abs=0.01)
@@ -197,4 +202,4 @@ def test_task_card_statistics_match_the_arrays(name):
     card = get_task(name)
     assert card.extras["stats"] is not None, f"{name}: no statistics recorded on the card"
     data = card.make_dataset(progress=False)
-    assert L.dataset_stats(data, card.extras["behavior_family"]) == card.extras["stats"]
+    assert L.dataset_stats(data) == card.extras["stats"]

@@ -208,13 +208,17 @@ class DiffuserPlanner(PolicyBase):
                               weight=weight, constraints=self._conditions(x0))
         logs = {"diffusion": loss.detach()}
         if self.value is not None:
-            t = torch.rand(x0.shape[0], device=x0.device)
-            xt = self.schedule.alpha(t)[:, None, None] * x0 + self.schedule.sigma(t)[:, None, None] * torch.randn_like(x0)
-            target = batch["value"].reshape(-1) / self.value_scale
-            v_loss = (self.value(xt, t) - target).pow(2).mean()
+            v_loss = self.value_loss(x0, batch["value"])
             logs["value"] = v_loss.detach()
             loss = loss + v_loss
         return loss, logs
+
+    def value_loss(self, x0: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """V's regression loss: normalized windows ``x0`` (B, H, D) noised to a random level against
+        their raw value targets ``value`` (B,) divided by ``value_scale``."""
+        t = torch.rand(x0.shape[0], device=x0.device)
+        xt = self.schedule.alpha(t)[:, None, None] * x0 + self.schedule.sigma(t)[:, None, None] * torch.randn_like(x0)
+        return (self.value(xt, t) - value.reshape(-1) / self.value_scale).pow(2).mean()
 
     # ------------------------------------------------------------------ planning
     def constraints(self, obs: torch.Tensor, goal: torch.Tensor | None) -> Constraints:
