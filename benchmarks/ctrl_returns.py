@@ -13,18 +13,21 @@ bucket are classified as it. Stages::
 ``eval`` measures, on the same episodes (reset seeds 0..E-1) and in one process:
 
 * ``bc``: the shipped BC policy;
-* ``base``: ctrl_base as it plans alone (DDIM 20, deterministic);
+* ``base``: ctrl_base as it plans alone (DDIM 20, deterministic), and the base's plans picked by
+  CTRL's classifier (the best of ``n_samples`` by ``log p_hat(top | plan)``, as CTRL acts);
 * ``classifier guidance``: the base guided by ``grad log p_hat(top | x_t)`` of CTRL's own classifier,
-  its scale tuned first on reset seeds 1000+ (``--cg-scales``);
+  with the same pick of ``n_samples``, its scale tuned first on reset seeds 1000+ (``--cg-scales``);
 * ``value guidance``: the shipped Diffuser (base + its value net);
 * return-conditioned training from scratch: the shipped Trajectory Diffuser (Decision Diffuser-style
   CFG on returns in its refiner) and the shipped anchored policy (return-conditioned);
-* ``ctrl``: the finetuned adapter asking for the top bucket;
+* ``ctrl``: the finetuned adapter asking for the top bucket, as shipped (best of ``n_samples`` by its
+  classifier) and with one plan per state;
 
 then the steerability sweep (CTRL asked for each bucket in turn, ``--steer-episodes`` each, saved as
 ``benchmarks/figures/ctrl_steer_<dataset>.png``), and the compute: CPU seconds per training step of
 CTRL, of the Trajectory Diffuser and of the base, measured here in this process and multiplied by
-each recipe's steps (CTRL's classifier fit included).
+each recipe's steps (CTRL's classifier fit included), and of the anchored policy (return-conditioned,
+from scratch).
 """
 from __future__ import annotations
 
@@ -120,14 +123,13 @@ def measure_compute(dataset: str, data) -> dict:
     ccfg = read_config(ROOT / f"configs/ctrl/{dataset}.yaml")["train"]
     out["ctrl_step_s"] = cpu_per_step(ctrl, data, ccfg["batch_size"], n=10)
     out["ctrl_s"] = out["ctrl_step_s"] * ccfg["steps"] + facts["classifier"].get("cpu_s", 0.0)
-    for name in ("trajectory_diffuser", "diffuser"):
+    for name, key in (("trajectory_diffuser", "scratch"), ("anchored", "anchored"), ("diffuser", "base")):
         cfg = read_config(ROOT / f"configs/{name}/{dataset}.yaml")
         if name == "diffuser":  # the base: the trajectory model alone
             cfg["policy"] = {**cfg["policy"], "value_guided": False}
         cls, pcfg, tcfg = parse_config(cfg, progress=False)
         torch.manual_seed(0)
         policy = cls.from_dataset(data, pcfg)
-        key = "scratch" if name == "trajectory_diffuser" else "base"
         out[f"{key}_step_s"] = cpu_per_step(policy, data, tcfg.batch_size)
         out[f"{key}_s"] = out[f"{key}_step_s"] * tcfg.steps
     return out
@@ -153,6 +155,11 @@ def stage_eval(dataset: str, episodes: int, steer_episodes: int, cg_scales: list
         cells[name] = score(load_policy(_ckpt(dataset, folder)))
 
     ctrl = load_policy(_ckpt(dataset, "ctrl"))
+    n = ctrl.config.n_samples
+    if n > 1:
+        ctrl.config.sampler, ctrl.config.target = "pretrained", "top"
+        print(f"base, best of {n} by the classifier", flush=True)
+        cells[f"base, best of {n} by the classifier"] = score(ctrl)
     ctrl.config.sampler, ctrl.config.target = "classifier_guidance", "top"
     tuning = {}
     for s in cg_scales:
@@ -162,10 +169,16 @@ def stage_eval(dataset: str, episodes: int, steer_episodes: int, cg_scales: list
     best = max(tuning, key=tuning.get)
     ctrl.config.guide_scale = best
     print(f"classifier guidance, scale {best}", flush=True)
-    cells[f"classifier guidance (scale {best:g}, tuned)"] = score(ctrl)
+    pick = f", best of {n}" if n > 1 else ""
+    cells[f"classifier guidance (scale {best:g}, tuned{pick})"] = score(ctrl)
 
     ctrl.config.sampler = "ctrl"
-    print("ctrl, top bucket", flush=True)
+    if n > 1:
+        ctrl.config.n_samples = 1
+        print("ctrl, top bucket, one plan", flush=True)
+        cells["ctrl (top bucket, one plan)"] = score(ctrl)
+        ctrl.config.n_samples = n
+    print(f"ctrl, top bucket{pick}", flush=True)
     cells["ctrl (top bucket)"] = score(ctrl)
 
     cells["base (DDIM 20)"].write_metrics(_ckpt(dataset, "ctrl_base"))
@@ -207,10 +220,11 @@ def stage_eval(dataset: str, episodes: int, steer_episodes: int, cg_scales: list
         "it was trained). From scratch: the Trajectory Diffuser (return-conditioned, CFG) recipe. Base: the "
         "Diffuser's trajectory model recipe (it was trained on a GPU; this is its cost here)."),
         ["date", "machine", "commit", "dataset", "CTRL CPU s", "from scratch CPU s", "CTRL / from scratch",
-         "base CPU s", "CTRL / base"],
+         "base CPU s", "CTRL / base", "anchored CPU s", "CTRL / anchored"],
         [[*stamp(), dataset, f"{compute['ctrl_s']:.0f}", f"{compute['scratch_s']:.0f}",
           f"{compute['ctrl_s'] / compute['scratch_s']:.2f}", f"{compute['base_s']:.0f}",
-          f"{compute['ctrl_s'] / compute['base_s']:.2f}"]])
+          f"{compute['ctrl_s'] / compute['base_s']:.2f}", f"{compute['anchored_s']:.0f}",
+          f"{compute['ctrl_s'] / compute['anchored_s']:.2f}"]])
     print(f"CTRL {c.normalized_mean:.1f} ± {c.normalized_stderr:.1f}; plot {png}")
 
 

@@ -426,8 +426,6 @@ def test_rest_fraction_puts_that_fraction_of_the_target_rows_at_rest(ctrl_policy
     rest = (b["start"][:, 2:] == 0).all(1) & (moving["start"][:, 2:] != 0).any(1)
     assert not (rest & ~ask).any()  # only rows asking for the target are put at rest
     assert abs(rest.sum() / ask.sum() - 0.5) < 0.08
-    with pytest.raises(ValueError, match="rest_fraction needs a maze"):
-        CTRLConfig(label_kind="return_bucket", label_sampling="target", rest_fraction=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,3 +544,59 @@ def test_a_return_level_target_asks_for_the_bucket_that_holds_it(return_ctrl):
     assert policy.target_labels([levels[3], "b0"], 2, None).tolist() == [3, 0]
     with pytest.raises(ValueError, match="unknown target"):
         policy.target_labels("b9", 1, None)
+
+
+def test_n_samples_keeps_the_candidate_the_classifier_rates_highest_and_stays_per_env(return_ctrl):
+    from diffplan.diffusion import sample as diffusion_sample
+
+    policy, data = return_ctrl
+    policy = copy.deepcopy(policy).eval()
+    policy.config.eta, policy.config.n_samples = 1.0, 4
+    assert policy.noise_samples == 4
+    obs = torch.as_tensor(data.observations[[0, 45, 130]], dtype=torch.float32)
+    noise = torch.randn(3, 4, *policy.plan_shape, generator=torch.Generator().manual_seed(0))
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    with torch.no_grad():
+        best = policy.plan(obs, None, noise, generator=gens)
+        # every candidate, as the policy draws them: env g's rows come from its own generator
+        policy.config.n_samples = 1
+        gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+        labels = policy.target_labels("top", 12, None)
+        cond = torch.nn.functional.one_hot(labels, policy.n_labels).float()
+        from diffplan.diffusion import make_denoiser
+
+        every = diffusion_sample(make_denoiser(policy.net, policy.schedule, policy.config.base.objective, cond),
+                                 noise.flatten(0, 1), schedule=policy.schedule, solver="ddim", eta=1.0,
+                                 steps=policy.config.steps, constraints=policy.constraints(obs.repeat_interleave(4, 0)),
+                                 noise_prior=False, generator=gens)
+        score = policy.classifier.log_prob(every, labels).view(3, 4)
+    assert score.std(1).min() > 0  # the candidates differ, so the pick matters
+    expect = every.view(3, 4, *policy.plan_shape)[torch.arange(3), score.argmax(1)]
+    torch.testing.assert_close(best, expect)
+    # batched acting equals per-env acting with n candidates each
+    policy.config.n_samples = 4
+    policy.reset(seed=[7, 8, 9])
+    batched = policy.act(obs.numpy())
+    for i in range(3):
+        policy.reset(seed=[7 + i])
+        np.testing.assert_allclose(policy.act(obs[i: i + 1].numpy())[0], batched[i], atol=1e-4)
+    with pytest.raises(ValueError, match="n_samples"):
+        CTRLConfig(n_samples=0)
+
+
+def test_rest_fraction_on_a_reward_task_starts_target_rows_at_episode_first_states(return_ctrl):
+    import dataclasses
+
+    policy, data = return_ctrl
+    policy = copy.deepcopy(policy)
+    policy.config = dataclasses.replace(policy.config, label_sampling="target", target="top", target_fraction=0.5)
+    moving = policy.batches(data, 2000)(0, np.random.default_rng(0))
+    policy.config = dataclasses.replace(policy.config, rest_fraction=0.5)
+    b = policy.batches(data, 2000)(0, np.random.default_rng(0))
+    np.testing.assert_array_equal(b["y"], moving["y"])  # the same rows ask for the same labels
+    moved = (b["start"] != moving["start"]).any(1)
+    assert (b["y"][moved] == policy.n_labels - 1).all()  # only rows asking for the target move
+    first = data.observations[data.episode_starts]
+    at_first = (np.abs(b["start"][moved, None, :] - first[None]).max(-1) < 1e-6).any(1)
+    assert at_first.all()  # ... to the first state of a data episode
+    assert 0.4 < moved.sum() / 1000 < 0.55  # half of the ~1000 target rows (a few already started there)

@@ -116,8 +116,9 @@ class CTRLConfig:
     # policy will be asked for; "goal": the maze task's eval goal cell) from data starts, the rest as "data"
     target_fraction: float = 0.5
     target_starts: str = "any"  # "any": any data start; "reaching": starts of data windows that end in that label
-    rest_fraction: float = 0.0  # of those target rows, this fraction starts at rest (mazes: the start's velocity
-    # zeroed), as an eval episode starts and as the planner is when it holds still at the goal
+    rest_fraction: float = 0.0  # of those target rows, this fraction starts as an eval episode does: mazes zero the
+    # start's velocity (also how the planner holds still at the goal); reward tasks take the first state of a
+    # random data episode (env resets), where a policy must get going from
     reward_temperature: float = 1.0  # reward log p_hat with the calibrated logits divided by this (> 1: a softer
     # classifier that keeps rewarding plans that end deeper inside the requested label's region)
     side_hidden: int = 128
@@ -128,6 +129,8 @@ class CTRLConfig:
     classifier_windows: int = 50_000  # clean windows drawn for the classifier (10% held out)
     guide_scale: float = 0.1  # classifier_guidance sampler
     n_guide_steps: int = 2
+    n_samples: int = 1  # acting: candidate plans per env (each from its own noise); the one the classifier
+    # gives the highest log p_hat(requested label | plan) is kept (every sampler: the same pick for the baselines)
     runtime: PlannerConfig = field(default_factory=lambda: PlannerConfig(n_action_steps=16))
 
     def __post_init__(self):
@@ -147,8 +150,6 @@ class CTRLConfig:
             raise ValueError(f"reward_temperature must be > 0, got {self.reward_temperature}")
         if not 0.0 <= self.rest_fraction <= 1.0:
             raise ValueError(f"rest_fraction must be in [0, 1], got {self.rest_fraction}")
-        if self.rest_fraction > 0 and self.label_kind != "end_cell":
-            raise ValueError("rest_fraction needs a maze task (end_cell labels: observations are position, velocity)")
         if self.steps < 1:
             raise ValueError(f"steps must be >= 1, got {self.steps}")
         if not 0.0 <= self.eta <= 1.0:
@@ -158,6 +159,8 @@ class CTRLConfig:
         k = self.finetune_steps or self.steps
         if not 0 <= self.grad_steps <= k:
             raise ValueError(f"grad_steps must be in [0, finetuning steps={k}], got {self.grad_steps}")
+        if self.n_samples < 1:
+            raise ValueError(f"n_samples must be >= 1, got {self.n_samples}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -526,6 +529,7 @@ class CTRLPlanner(PolicyBase):
         windows = self._windows(dataset)
         sampling = self.config.label_sampling
         target = self.training_target() if sampling == "target" else None
+        first_obs = np.asarray(dataset.observations)[dataset.episode_starts]  # reward tasks' rest starts
 
         def draw(n: int, rng: np.random.Generator):
             b = windows.sample(n, rng)
@@ -560,7 +564,10 @@ class CTRLPlanner(PolicyBase):
                     start[ask] = reaching(int(ask.sum()), rng)
                 if self.config.rest_fraction > 0:
                     rest = ask & (rng.random(batch_size) < self.config.rest_fraction)
-                    start[rest, 2: self.obs_dim] = 0.0  # maze observations: (x, y, vx, vy)
+                    if self.config.label_kind == "end_cell":
+                        start[rest, 2: self.obs_dim] = 0.0  # maze observations: (x, y, vx, vy)
+                    else:
+                        start[rest, : self.obs_dim] = first_obs[rng.integers(0, len(first_obs), int(rest.sum()))]
             return {"start": start[:, : self.obs_dim], "y": y}
 
         return sample_batch
@@ -620,13 +627,27 @@ class CTRLPlanner(PolicyBase):
         goal = None
         return plan_constraints(self.normalizer, obs, goal, self.config.base.horizon, self.obs_dim)
 
+    @property
+    def noise_samples(self) -> int:
+        """Candidate plans per env (the classifier keeps the best): the runtime draws them all from
+        the env's own noise generator."""
+        return self.config.n_samples
+
     def plan(self, obs, goal, noise, *, warm=None, t_start=1.0, steps=None, labels=None, generator=None):
-        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D) -> normalized plans (B, H, D).
-        The eta=1 steps draw their noise from ``generator`` (one per env, or one)."""
+        """obs (B, obs_dim) raw, goal (B, goal_dim)|None, noise (B, H, D), or (B, n, H, D) with
+        ``n_samples = n`` candidates -> normalized plans (B, H, D). The eta > 0 steps draw their
+        noise from ``generator`` (one per env, or one)."""
         cfg = self.config
         steps = cfg.steps if steps is None else steps
         if labels is None:
             labels = self.target_labels(cfg.target if self._target is None else self._target, obs.shape[0], goal)
+        n = cfg.n_samples
+        if n > 1:  # n candidates per env, rows [g n, (g+1) n) of env g (its generator fills them: see randn)
+            from diffplan.policies.diffuser import candidate_noise
+
+            noise = candidate_noise(noise, n, generator)
+            obs, labels = obs.repeat_interleave(n, 0), labels.repeat_interleave(n, 0)
+            warm = None if warm is None else warm.repeat_interleave(n, 0)
         cond = F.one_hot(labels, self.n_labels).to(noise.dtype)
         a, s = noise_level(self.schedule, t_start)  # cached floats
         x_init = noise * s if warm is None else a * warm + s * noise
@@ -639,8 +660,13 @@ class CTRLPlanner(PolicyBase):
             if cfg.sampler == "classifier_guidance":
                 guidance = ValueGuidance(lambda x, t: self.classifier.log_prob(x, labels.clone()), scale=cfg.guide_scale,
                                          n_guide_steps=cfg.n_guide_steps, t_stopgrad=0.0)
-        return sample(denoise, x_init, schedule=self.schedule, solver="ddim", eta=cfg.eta, steps=steps, t_start=t_start,
-                      constraints=self.constraints(obs), guidance=guidance, noise_prior=False, generator=generator)
+        plans = sample(denoise, x_init, schedule=self.schedule, solver="ddim", eta=cfg.eta, steps=steps,
+                       t_start=t_start, constraints=self.constraints(obs), guidance=guidance, noise_prior=False,
+                       generator=generator)
+        if n > 1:
+            score = self.classifier.log_prob(plans, labels).view(-1, n)
+            plans = plans[score.argmax(1) + torch.arange(0, plans.shape[0], n, device=plans.device)]
+        return plans
 
     def plan_states(self, plans: torch.Tensor) -> torch.Tensor:
         return self.normalizer.unnormalize(plans)[..., : self.obs_dim]
