@@ -71,8 +71,8 @@ PINNED_V1 = {
     "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
     # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet
     "halfcheetah": {"medium": "step-150000", "expert": None},
-    # rl-zoo's 1 gradient step per env step (as v0, denser snapshots): first past 62 at 280k (70.6)
-    "walker2d": {"medium": "step-280000", "expert": None},
+    # 2 gradient steps per 3 env steps, resumed once at 300k: first past 62 at 400k (72.1)
+    "walker2d": {"medium": "step-400000", "expert": None},
 }
 # D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
 # where not recorded here. The v1 targets: means within 25%, medium-replay 0.15M-0.5M steps.
@@ -524,7 +524,7 @@ _DESCRIPTIONS = {
 _V1_WORDS = {
     "hopper": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
     "halfcheetah": "SAC at 1 gradient step per 2 env steps, a snapshot every 10k steps",
-    "walker2d": "SAC at rl-zoo's 1 gradient step per env step, a snapshot every 10k steps",
+    "walker2d": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
 }
 # What each made dataset holds (dataset_stats of the arrays `diffplan data make` writes; the tests
 # check them against the arrays): env steps, complete episodes, mean / min / max D4RL-normalized
@@ -544,8 +544,8 @@ DATASET_STATS: dict[str, dict] = {
     "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
     "walker2d-medium-replay": {"steps": 260000, "episodes": 4722, "mean": 1.92, "min": -0.29, "max": 69.51},
     "walker2d-medium-expert": {"steps": 2000000, "episodes": 2405, "mean": 59.82, "min": 1.05, "max": 79.18},
-    "walker2d-medium-v1": {"steps": 1000000, "episodes": 1275, "mean": 56.01, "min": -1.53, "max": 78.15},
-    "walker2d-medium-replay-v1": {"steps": 280000, "episodes": 1540, "mean": 8.69, "min": -0.51, "max": 75.31},
+    "walker2d-medium-v1": {"steps": 1000000, "episodes": 1197, "mean": 65.1, "min": 8.06, "max": 87.3},
+    "walker2d-medium-replay-v1": {"steps": 400000, "episodes": 1694, "mean": 13.25, "min": -0.29, "max": 84.14},
 }
 
 
