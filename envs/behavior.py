@@ -310,11 +310,18 @@ def _truncate_progress(progress: Path, step: int) -> None:
         write_file(progress, text.getvalue())
 
 
+def _check_ratio(train_freq: int, gradient_steps: int) -> None:
+    if train_freq < 1:
+        raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
+    if gradient_steps < 1:
+        raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
+
+
 def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int = 10_000,
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
-          learning_starts: int | None = None, train_freq: int = 1,
-          learning_rate: float | None = None, gradient_steps: int = 1) -> None:
+          learning_starts: int | None = None, train_freq: int | None = None,
+          learning_rate: float | None = None, gradient_steps: int | None = None) -> None:
     """Train SB3 SAC on ``env_id`` for ``steps`` env steps, snapshotting the actor. With ``resume``
     the steps are added to those already trained (SB3 keeps counting from the saved step).
 
@@ -322,7 +329,9 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
     slows learning per env step, so that the medium level is reached at D4RL's replay-buffer sizes
     (0.2-0.4M steps), and it makes each env step cheaper on a CPU. ``learning_rate`` replaces
     rl-zoo's 3e-4, the other way to slow it. ``gradient_steps`` per ``train_freq`` env steps (rl-zoo:
-    1) sets ratios between integers, e.g. 2 per 3."""
+    1) sets ratios between integers, e.g. 2 per 3. ``None``: rl-zoo's 1 for a new run, the saved
+    ratio for a resumed one; given with ``resume``, they change the ratio from here on (e.g. a run
+    slowed to reach the medium level at D4RL's pace continues at full speed towards an expert)."""
     try:
         import gymnasium as gym
         from stable_baselines3 import SAC
@@ -343,14 +352,22 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
         if buffer_pkl.exists():
             model.load_replay_buffer(buffer_pkl)
         _log(f"resumed {env_id} at step {model.num_timesteps} from {state_dir}")
+        if train_freq is not None or gradient_steps is not None:
+            from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+
+            _check_ratio(1 if train_freq is None else train_freq, 1 if gradient_steps is None else gradient_steps)
+            if train_freq is not None:
+                model.train_freq = TrainFreq(train_freq, TrainFrequencyUnit.STEP)
+            if gradient_steps is not None:
+                model.gradient_steps = gradient_steps
+            _log(f"from here on {model.gradient_steps} gradient steps per {model.train_freq.frequency} env steps")
     else:
         hp = dict(SAC_HPARAMS)
         if learning_starts is not None:
             hp["learning_starts"] = learning_starts
-        if train_freq < 1:
-            raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
-        if gradient_steps < 1:
-            raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
+        train_freq = 1 if train_freq is None else train_freq
+        gradient_steps = 1 if gradient_steps is None else gradient_steps
+        _check_ratio(train_freq, gradient_steps)
         hp["train_freq"], hp["gradient_steps"] = train_freq, gradient_steps
         if learning_rate is not None:
             hp["learning_rate"] = learning_rate
@@ -437,9 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--threads", type=int, default=1)
     t.add_argument("--learning-starts", type=int, default=None, help="override (smoke tests)")
-    t.add_argument("--train-freq", type=int, default=1, help="env steps per gradient step (rl-zoo: 1)")
+    t.add_argument("--train-freq", type=int, default=None,
+                   help="env steps per gradient step (rl-zoo: 1; with --resume: change the saved run's)")
     t.add_argument("--learning-rate", type=float, default=None, help="SAC's learning rate (rl-zoo: 3e-4)")
-    t.add_argument("--gradient-steps", type=int, default=1, help="gradient steps per --train-freq env steps")
+    t.add_argument("--gradient-steps", type=int, default=None,
+                   help="gradient steps per --train-freq env steps (default 1; with --resume: the saved run's)")
     e = sub.add_parser("eval", help="evaluate a shipped actor folder")
     e.add_argument("path")
     e.add_argument("--episodes", type=int, default=5)

@@ -110,5 +110,14 @@ def test_sac_training_records_its_pace_settings_and_resumes(tmp_path):
     steps = [int(r.split(",")[0]) for r in (out / "progress.csv").read_text().splitlines()[1:]]
     assert steps == [100, 200, 300]  # the redone step is logged once, by the resumed run
     assert (out / "progress.csv").read_text().splitlines()[-1].split(",")[1] != "1.0"
+    # a resumed run keeps its saved ratio unless given one: then it changes from there on
+    B.train("Hopper-v5", 100, out, resume=True, snapshot_every=100, eval_episodes=1, state_dir=state,
+            state_every=100)
+    extra = yaml.safe_load((out / "step-400" / "actor.yaml").read_text())["extra"]
+    assert (extra["train_freq"], extra["gradient_steps"]) == (3, 2)
+    B.train("Hopper-v5", 100, out, resume=True, snapshot_every=100, eval_episodes=1, state_dir=state,
+            state_every=100, train_freq=1, gradient_steps=1)
+    extra = yaml.safe_load((out / "step-500" / "actor.yaml").read_text())["extra"]
+    assert (extra["train_freq"], extra["gradient_steps"]) == (1, 1)
     with pytest.raises(ValueError, match="train_freq must be >= 1"):
         B.train("Hopper-v5", 100, tmp_path / "bad", state_dir=tmp_path / "bad-state", train_freq=0)
