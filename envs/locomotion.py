@@ -71,8 +71,9 @@ PINNED_V1 = {
     "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
     # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet
     "halfcheetah": {"medium": "step-150000", "expert": None},
-    # 2 gradient steps per 3 env steps, resumed once at 300k: first past 62 at 400k (72.1)
-    "walker2d": {"medium": "step-400000", "expert": None},
+    # 2 gradient steps per 3 env steps, resumed at 300k and 900k: first past 62 at 400k (72.1);
+    # expert: the run's best, 102.0 at 1.2M
+    "walker2d": {"medium": "step-400000", "expert": (1, "step-1200000")},
 }
 # D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
 # where not recorded here. The v1 targets: means within 25%, medium-replay 0.15M-0.5M steps.
@@ -546,6 +547,7 @@ DATASET_STATS: dict[str, dict] = {
     "walker2d-medium-expert": {"steps": 2000000, "episodes": 2405, "mean": 59.82, "min": 1.05, "max": 79.18},
     "walker2d-medium-v1": {"steps": 1000000, "episodes": 1197, "mean": 65.1, "min": 8.06, "max": 87.3},
     "walker2d-medium-replay-v1": {"steps": 400000, "episodes": 1694, "mean": 13.25, "min": -0.29, "max": 84.14},
+    "walker2d-medium-expert-v1": {"steps": 2000000, "episodes": 2225, "mean": 80.24, "min": 1.6, "max": 104.0},
 }
 
 
