@@ -43,7 +43,9 @@ How it acts
     label comes from ``config.target`` or ``act(obs, target=...)``: a label name (``"r1c1"``,
     ``"top"``, ``"b0"``), an index, a return level (a float: the bucket holding it), ``"goal"``
     (mazes: the cell of ``obs["desired_goal"]``) or one per env. Plans use ``eta`` (1: the
-    stochastic chain finetuning trains; 0: deterministic DDIM on the same denoisers).
+    stochastic chain finetuning trains; 0: deterministic DDIM on the same denoisers). With
+    ``n_samples = n > 1`` each env plans n candidates and keeps the one the classifier rates most
+    likely to carry the requested label (the reward CTRL was finetuned on).
     ``config.sampler`` also gives the two baselines with the same classifier and base model:
     ``"pretrained"`` (adapter off) and ``"classifier_guidance"`` (gradient of ``log p_hat(y|x_t)``).
 
@@ -78,6 +80,7 @@ from diffplan.policies.diffuser import (
     SCHEDULES,
     DiffuserConfig,
     DiffuserPlanner,
+    candidate_noise,
     pd_tracking,
     plan_constraints,
     rest_at_goal_pad,
@@ -643,8 +646,6 @@ class CTRLPlanner(PolicyBase):
             labels = self.target_labels(cfg.target if self._target is None else self._target, obs.shape[0], goal)
         n = cfg.n_samples
         if n > 1:  # n candidates per env, rows [g n, (g+1) n) of env g (its generator fills them: see randn)
-            from diffplan.policies.diffuser import candidate_noise
-
             noise = candidate_noise(noise, n, generator)
             obs, labels = obs.repeat_interleave(n, 0), labels.repeat_interleave(n, 0)
             warm = None if warm is None else warm.repeat_interleave(n, 0)
