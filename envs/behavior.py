@@ -353,7 +353,10 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
             model.load_replay_buffer(buffer_pkl)
         _log(f"resumed {env_id} at step {model.num_timesteps} from {state_dir}")
         if train_freq is not None or gradient_steps is not None:
-            from stable_baselines3.common.type_aliases import TrainFreq, TrainFrequencyUnit
+            from stable_baselines3.common.type_aliases import (
+                TrainFreq,
+                TrainFrequencyUnit,
+            )
 
             _check_ratio(1 if train_freq is None else train_freq, 1 if gradient_steps is None else gradient_steps)
             if train_freq is not None:
