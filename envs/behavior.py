@@ -310,13 +310,6 @@ def _truncate_progress(progress: Path, step: int) -> None:
         write_file(progress, text.getvalue())
 
 
-def _check_ratio(train_freq: int, gradient_steps: int) -> None:
-    if train_freq < 1:
-        raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
-    if gradient_steps < 1:
-        raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
-
-
 def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int = 10_000,
           seed: int = 0, eval_episodes: int = 5, state_dir: str | os.PathLike | None = None,
           resume: bool = False, threads: int = 1, state_every: int = 50_000,
@@ -339,6 +332,10 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
     except ImportError as e:  # pragma: no cover
         raise SystemExit("training needs stable-baselines3: pip install 'diffplan[behavior]'") from e
 
+    if train_freq is not None and train_freq < 1:
+        raise ValueError(f"train_freq must be >= 1 env steps per gradient step, got {train_freq}")
+    if gradient_steps is not None and gradient_steps < 1:
+        raise ValueError(f"gradient_steps must be >= 1, got {gradient_steps}")
     torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -358,7 +355,6 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
                 TrainFrequencyUnit,
             )
 
-            _check_ratio(1 if train_freq is None else train_freq, 1 if gradient_steps is None else gradient_steps)
             if train_freq is not None:
                 model.train_freq = TrainFreq(train_freq, TrainFrequencyUnit.STEP)
             if gradient_steps is not None:
@@ -368,10 +364,7 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
         hp = dict(SAC_HPARAMS)
         if learning_starts is not None:
             hp["learning_starts"] = learning_starts
-        train_freq = 1 if train_freq is None else train_freq
-        gradient_steps = 1 if gradient_steps is None else gradient_steps
-        _check_ratio(train_freq, gradient_steps)
-        hp["train_freq"], hp["gradient_steps"] = train_freq, gradient_steps
+        hp["train_freq"], hp["gradient_steps"] = train_freq or 1, gradient_steps or 1  # None: rl-zoo's 1
         if learning_rate is not None:
             hp["learning_rate"] = learning_rate
         model = SAC("MlpPolicy", env, seed=seed, device="cpu", verbose=0, **hp)

@@ -627,10 +627,16 @@ def task_cards() -> list:
 
 
 def _register() -> None:
-    from .tasks import register_task
+    from .tasks import register_task, register_unavailable
 
     for card in task_cards():
         register_task(card, overwrite=True)
+    for family in PINNED_V1:  # v1 cards whose behaviors are not here (an installed wheel leaves them out)
+        if not list_snapshots(family, behavior_dir(1)):
+            for kind in KINDS:
+                register_unavailable(task_name(family, kind, 1),
+                                     f"the locomotion v1 cards need {BEHAVIOR_DIRS[1]}/{family}/, which is in "
+                                     "the repository, not in the wheel")
 
 
 _register()
