@@ -553,6 +553,10 @@ DATASET_STATS: dict[str, dict] = {
 
 def _build_dataset(card, steps: int, seed: int, progress: bool):
     family, kind = card.extras["behavior_family"], card.extras["kind"]
+    if not list_snapshots(family, behavior_dir(card.dataset_version)):
+        raise FileNotFoundError(f"{card.name} is made from the behavior snapshots in "
+                                f"{BEHAVIOR_DIRS[card.dataset_version]}/{family}/, which are not here: they are in "
+                                "the repository, not in the wheel; make it from a checkout")
     return make_dataset(family, kind, steps=steps, seed=seed, progress=progress,
                         version=card.dataset_version)
 
@@ -569,10 +573,12 @@ def _build_expert(card):
 
 
 def _versions(family: str) -> list[tuple[int, tuple[str, ...]]]:
-    """(version, kinds) with behaviors for ``family``: v0 always, v1 where its snapshots are shipped
-    (medium-expert-v1 only with an expert at D4RL's level)."""
+    """(version, kinds) of ``family``'s cards: v0, and v1 where it is pinned (medium-expert-v1 only
+    with an expert at D4RL's level). A card is registered even where its behavior snapshots are not
+    here (an installed wheel leaves the v1 ones out): its env and shipped policies work, and making
+    its data says where the snapshots are."""
     out = [(0, KINDS)]
-    if family in PINNED_V1 and list_snapshots(family, behavior_dir(1)):
+    if family in PINNED_V1:
         out.append((1, KINDS if PINNED_V1[family]["expert"] else ("medium", "medium-replay")))
     return out
 
@@ -596,7 +602,7 @@ def task_cards() -> list:
                 elif kind == "medium-expert":
                     n = 2_000_000
                 else:
-                    n = med.step if med else 0
+                    n = med.step if med else (DATASET_STATS.get(task_name(family, kind, version)) or {}).get("steps", 0)
                 words = _DESCRIPTIONS.get(f"{kind}-v{version}", _DESCRIPTIONS[kind]).format(
                     med=med.path.name if med else "?", exp=exp.path.name if exp else "?",
                     m=med.step if med else "?", target=MEDIUM_TARGET[family])
@@ -627,16 +633,10 @@ def task_cards() -> list:
 
 
 def _register() -> None:
-    from .tasks import register_task, register_unavailable
+    from .tasks import register_task
 
     for card in task_cards():
         register_task(card, overwrite=True)
-    for family in PINNED_V1:  # v1 cards whose behaviors are not here (an installed wheel leaves them out)
-        if not list_snapshots(family, behavior_dir(1)):
-            for kind in KINDS:
-                register_unavailable(task_name(family, kind, 1),
-                                     f"the locomotion v1 cards need {BEHAVIOR_DIRS[1]}/{family}/, which is in "
-                                     "the repository, not in the wheel")
 
 
 _register()

@@ -182,7 +182,6 @@ def _make_lock(dataset_id: str):
 
 
 _REGISTRY: dict[str, TaskCard] = {}
-_UNAVAILABLE: dict[str, str] = {}  # task name -> why its card is not registered here
 _modules_loaded = False
 
 
@@ -193,15 +192,7 @@ def register_task(card: TaskCard, *, overwrite: bool = False) -> TaskCard:
     if card.name in _REGISTRY and not overwrite and _REGISTRY[card.name] is not card:
         raise ValueError(f"task '{card.name}' is already registered")
     _REGISTRY[card.name] = card
-    _UNAVAILABLE.pop(card.name, None)
     return card
-
-
-def register_unavailable(name: str, why: str) -> None:
-    """Record why the task ``name`` has no card here (e.g. its data sources are not installed), so
-    that ``get_task(name)`` says so instead of only listing the known tasks."""
-    if name not in _REGISTRY:
-        _UNAVAILABLE[name] = why
 
 
 def get_task(name: str) -> TaskCard:
@@ -214,8 +205,6 @@ def get_task(name: str) -> TaskCard:
         hint = ""
         if version.isdigit() and base in _REGISTRY:
             hint = f"; '{base}' has no version {version} here"
-        if name in _UNAVAILABLE:
-            hint += f" ({_UNAVAILABLE[name]})"
         raise UnknownTaskError(f"unknown task '{name}'{hint}; known tasks: {', '.join(list_tasks())}")
     return _REGISTRY[name]
 
