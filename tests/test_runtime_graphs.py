@@ -234,13 +234,13 @@ def test_static_buffers_take_inputs_inside_and_outside_inference_mode():
 class HostCopies(TorchDispatchMode):
     def __init__(self):
         super().__init__()
-        self.hits, self._scalars = [], set()
+        self.hits, self._scalars = [], {}  # id -> tensor: kept alive, so a freed one's id is not reused
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = str(func)
         if "scalar_tensor" in name:
-            self._scalars.add(id(out))
+            self._scalars[id(out)] = out
         elif "index_put" in name and len(args) > 2 and id(args[2]) in self._scalars:
             self.hits.append(f"a Python scalar assigned through index tensors ({name})")
         elif name.startswith(("aten._to_copy", "aten.copy_")) and any(
