@@ -10,6 +10,10 @@ bucket are classified as it. Stages::
     python benchmarks/ctrl_returns.py --dataset hopper-medium-replay --stage ctrl  # finetune (timed)
     python benchmarks/ctrl_returns.py --dataset hopper-medium-replay --stage eval  # one run, RESULTS.md
 
+A later version of a dataset (``--dataset hopper-medium-replay-v1``) uses the v0 recipes unchanged
+on that data: ``configs/ctrl/hopper-medium-replay.yaml`` with ``task`` and the base checkpoint set to
+the v1 ones, and the other policies' v1 checkpoints (``checkpoints/hopper-medium-replay-v1/``).
+
 ``eval`` measures, on the same episodes (reset seeds 0..E-1) and in one process:
 
 * ``bc``: the shipped BC policy;
@@ -52,6 +56,26 @@ def _ckpt(dataset: str, name: str) -> Path:
     return ROOT / "checkpoints" / dataset / name
 
 
+def _config(kind: str, dataset: str) -> tuple[dict, str]:
+    """(config, how it was made) of ``kind`` on ``dataset``: ``configs/<kind>/<dataset>.yaml``, or
+    for a later version of a dataset (``hopper-medium-replay-v1``) its v0 recipe on that dataset,
+    CTRL's base being that dataset's ``ctrl_base``."""
+    from diffplan.policies.training import read_config
+
+    path = ROOT / f"configs/{kind}/{dataset}.yaml"
+    if path.exists():
+        return read_config(path), str(path.relative_to(ROOT))
+    v0 = dataset.rsplit("-v", 1)[0]
+    path = ROOT / f"configs/{kind}/{v0}.yaml"
+    cfg = read_config(path)
+    cfg["task"] = dataset
+    how = f"{path.relative_to(ROOT)} task={dataset}"
+    if kind == "ctrl":
+        cfg["policy"] = {**cfg["policy"], "base_checkpoint": f"checkpoints/{dataset}/ctrl_base"}
+        how += f" policy.base_checkpoint=checkpoints/{dataset}/ctrl_base"
+    return cfg, how
+
+
 def stage_base(dataset: str) -> None:
     from diffplan.policies import load_policy
 
@@ -75,9 +99,9 @@ def base_train_config(src: Path) -> dict:
 
 
 def stage_ctrl(dataset: str) -> None:
-    from diffplan.policies.training import read_config, train_policy
+    from diffplan.policies.training import train_policy
 
-    cfg = read_config(ROOT / f"configs/ctrl/{dataset}.yaml")
+    cfg, how = _config("ctrl", dataset)
     run = ROOT / f"runs/ctrl-{dataset}"
     if run.exists():
         shutil.rmtree(run)
@@ -88,7 +112,7 @@ def stage_ctrl(dataset: str) -> None:
     policy.save(out, train=cfg["train"], data={"task": dataset, "dataset": dataset})
     report = getattr(policy, "classifier_report", {})
     (out / "train.json").write_text(json.dumps({
-        "config": f"configs/ctrl/{dataset}.yaml", "steps": cfg["train"]["steps"], "wall_s": round(wall, 1),
+        "config": how, "steps": cfg["train"]["steps"], "wall_s": round(wall, 1),
         "cpu_s": round(cpu, 1), "classifier": report, "machine": machine() + ", 1 torch thread",
         "note": "cpu_s: the whole finetuning (classifier fit included), process CPU time",
     }, indent=2) + "\n")
@@ -115,16 +139,16 @@ def cpu_per_step(policy, dataset, batch_size: int, n: int = 20) -> float:
 
 def measure_compute(dataset: str, data) -> dict:
     from diffplan.policies import load_policy
-    from diffplan.policies.training import parse_config, read_config
+    from diffplan.policies.training import parse_config
 
     out = {}
     ctrl = load_policy(_ckpt(dataset, "ctrl"))
     facts = json.loads((_ckpt(dataset, "ctrl") / "train.json").read_text())
-    ccfg = read_config(ROOT / f"configs/ctrl/{dataset}.yaml")["train"]
+    ccfg = _config("ctrl", dataset)[0]["train"]
     out["ctrl_step_s"] = cpu_per_step(ctrl, data, ccfg["batch_size"], n=10)
     out["ctrl_s"] = out["ctrl_step_s"] * ccfg["steps"] + facts["classifier"].get("cpu_s", 0.0)
     for name, key in (("trajectory_diffuser", "scratch"), ("anchored", "anchored"), ("diffuser", "base")):
-        cfg = read_config(ROOT / f"configs/{name}/{dataset}.yaml")
+        cfg = _config(name, dataset)[0]
         if name == "diffuser":  # the base: the trajectory model alone
             cfg["policy"] = {**cfg["policy"], "value_guided": False}
         cls, pcfg, tcfg = parse_config(cfg, progress=False)

@@ -73,6 +73,11 @@ def main(argv=None) -> int:
     info = {"config": args.config, "steps": steps, "wall_s": round(wall), "steps_per_s": round(steps / wall, 2),
             "machine": f"{machine()}, 1 torch thread, CPU shared with other jobs",
             "note": "EMA weights of the final step; optimizer state not shipped; wall from the log's it/s"}
+    if args.config:  # a run trained from a config on another task (``task=<task>-v1``) says so
+        trained_on = yaml.safe_load(Path(args.config).read_text()).get("task")
+        if trained_on != cfg["spec"]["task"]:
+            info["overrides"] = [f"task={cfg['spec']['task']}"]
+            info["note"] += f"; trained with `diffplan train {args.config} task={cfg['spec']['task']}`"
     (dest / "train.json").write_text(json.dumps(info, indent=2) + "\n")
     print(f"{src} -> {dest}: {steps} steps, {wall / 60:.0f} min, {steps / wall:.1f} steps/s")
     return 0
