@@ -60,20 +60,17 @@ def _config(kind: str, dataset: str) -> tuple[dict, str]:
     """(config, how it was made) of ``kind`` on ``dataset``: ``configs/<kind>/<dataset>.yaml``, or
     for a later version of a dataset (``hopper-medium-replay-v1``) its v0 recipe on that dataset,
     CTRL's base being that dataset's ``ctrl_base``."""
+    from diffplan.config import apply_overrides
     from diffplan.policies.training import read_config
 
     path = ROOT / f"configs/{kind}/{dataset}.yaml"
     if path.exists():
         return read_config(path), str(path.relative_to(ROOT))
-    v0 = dataset.rsplit("-v", 1)[0]
-    path = ROOT / f"configs/{kind}/{v0}.yaml"
-    cfg = read_config(path)
-    cfg["task"] = dataset
-    how = f"{path.relative_to(ROOT)} task={dataset}"
+    path = ROOT / f"configs/{kind}/{dataset.rpartition('-v')[0]}.yaml"
+    overrides = [f"task={dataset}"]
     if kind == "ctrl":
-        cfg["policy"] = {**cfg["policy"], "base_checkpoint": f"checkpoints/{dataset}/ctrl_base"}
-        how += f" policy.base_checkpoint=checkpoints/{dataset}/ctrl_base"
-    return cfg, how
+        overrides.append(f"policy.base_checkpoint=checkpoints/{dataset}/ctrl_base")
+    return apply_overrides(read_config(path), overrides), " ".join([str(path.relative_to(ROOT)), *overrides])
 
 
 def stage_base(dataset: str) -> None:

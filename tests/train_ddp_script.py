@@ -66,3 +66,10 @@ def main(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    # Everything is written and the Trainer has destroyed its process group. Under CPU load a rank
+    # sometimes aborts in C++ teardown at interpreter exit, after all of the above ("terminate called
+    # without an active exception", ~1 run in 7 with another job busy; session 12): skip that teardown,
+    # so the test checks what the run wrote, not torch's exit path.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
