@@ -121,3 +121,54 @@ def test_sac_training_records_its_pace_settings_and_resumes(tmp_path):
     assert (extra["train_freq"], extra["gradient_steps"]) == (1, 1)
     with pytest.raises(ValueError, match="train_freq must be >= 1"):
         B.train("Hopper-v5", 100, tmp_path / "bad", state_dir=tmp_path / "bad-state", train_freq=0)
+
+
+@pytest.mark.parametrize("algo", ["sac", "tqc"])
+def test_resume_state_without_the_replay_buffer_continues_the_run(tmp_path, algo):
+    """The compact resume state (safetensors + JSON in ``<out>/resume/``) is all a fresh machine
+    has: it restores the networks, Adam moments, entropy coefficient and counters exactly, refills
+    the replay buffer with the current policy before training again, and records the refill."""
+    pytest.importorskip("stable_baselines3")
+    if algo == "tqc":
+        pytest.importorskip("sb3_contrib")
+    import yaml
+
+    from diffplan.envs import behavior as B
+
+    out = tmp_path / "run"
+    kw = dict(snapshot_every=100, eval_episodes=1, state_every=100, learning_starts=50)
+    B.train("Hopper-v5", 200, out, state_dir=tmp_path / "state", algo=algo, **kw)
+    assert (out / "resume" / "state.json").exists() and not list(out.glob("resume/*.pkl"))
+
+    # the state round-trips into a fresh model: every tensor, every counter
+    import gymnasium as gym
+
+    cls = __import__("sb3_contrib" if algo == "tqc" else "stable_baselines3").__dict__[algo.upper()]
+    sb3 = cls.load(tmp_path / "state" / "model.zip", device="cpu")
+    fresh = cls("MlpPolicy", gym.make("Hopper-v5"), device="cpu", **{k: v for k, v in B.SAC_HPARAMS.items()
+                                                                      if k != "learning_starts"})
+    meta = B.load_resume_state(fresh, out / "resume")
+    assert meta["algo"] == algo and fresh.num_timesteps == sb3.num_timesteps == 200
+    assert fresh._n_updates == sb3._n_updates > 0
+    want, got = sb3.get_parameters(), fresh.get_parameters()
+    for k, v in want["policy"].items():
+        assert torch.equal(v, got["policy"][k]), k
+    st_w, st_g = want["critic.optimizer"]["state"], got["critic.optimizer"]["state"]
+    assert all(torch.equal(st_w[i]["exp_avg_sq"], st_g[i]["exp_avg_sq"]) for i in st_w)
+    assert torch.equal(sb3.log_ent_coef, fresh.log_ent_coef)
+
+    # a fresh machine: no SB3 state; the run refills its buffer and goes on counting
+    B.train("Hopper-v5", 200, out, state_dir=tmp_path / "elsewhere", resume=True, refill=60, **kw)
+    extra = yaml.safe_load((out / "step-400" / "actor.yaml").read_text())["extra"]
+    assert extra["algo"] == f"sb3-{algo}" and extra["buffer_refills"] == [200]
+    resumed = B.read_resume_meta(out / "resume")
+    assert resumed["num_timesteps"] == 400
+    # no gradient steps while the 60 refill steps fill the buffer, one per env step after them
+    assert meta["n_updates"] + 130 <= resumed["n_updates"] <= meta["n_updates"] + 140
+    steps = [int(r.split(",")[0]) for r in (out / "progress.csv").read_text().splitlines()[1:]]
+    assert steps == [100, 200, 300, 400]
+    other = "tqc" if algo == "sac" else "sac"
+    with pytest.raises(ValueError, match=f"the saved run is {algo}, not {other}"):
+        B.train("Hopper-v5", 200, out, state_dir=tmp_path / "elsewhere2", resume=True, algo=other, **kw)
+    with pytest.raises(ValueError, match="holds a run on Hopper-v5, not Walker2d-v5"):
+        B.train("Walker2d-v5", 200, out, state_dir=tmp_path / "elsewhere3", resume=True, **kw)
