@@ -501,7 +501,7 @@ def train(env_id: str, steps: int, out: str | os.PathLike, snapshot_every: int =
     class Snapshot(BaseCallback):
         def __init__(self):
             super().__init__()
-            self.last_t, self.last_step = time.time(), start_step
+            self.last_t, self.last_step = time.time(), int(model.num_timesteps)  # after any refill
 
         def _on_step(self) -> bool:
             n = self.model.num_timesteps
