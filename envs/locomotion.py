@@ -69,7 +69,8 @@ EXPERT_TARGET = {"hopper": 100.0, "halfcheetah": 90.0, "walker2d": 100.0}
 PINNED_V1 = {
     # 2 gradient steps per 3 env steps: first past 44 at 290k (53.8); v0's expert (109.6)
     "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
-    # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet
+    # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet (a TQC run
+    # towards one, resumable from a fresh machine: checkpoints/behavior-v1/halfcheetah-tqc/)
     "halfcheetah": {"medium": "step-150000", "expert": None},
     # 2 gradient steps per 3 env steps, resumed at 300k and 900k: first past 62 at 400k (72.1);
     # expert: the run's best, 102.0 at 1.2M
