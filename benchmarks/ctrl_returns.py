@@ -264,14 +264,9 @@ def stage_classifier(dataset: str) -> None:
     from diffplan.policies.finetune.ctrl import LabelClassifier, fit_classifier
 
     ctrl = load_policy(_ckpt(dataset, "ctrl"))
-    windows = ctrl._windows(load(dataset))
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(windows), ctrl.config.classifier_windows)
-    b = windows.get_batch(idx)
-    raw = np.concatenate([b["observations"], b["actions"]], -1) if ctrl.config.base.with_actions else b["observations"]
-    y = torch.as_tensor(ctrl.labels_of(raw, ctrl._returns(b)))
-    x = ctrl.normalizer.normalize(torch.as_tensor(raw))
-    episode = np.asarray(windows.episode_of_window)[idx]
+    x, y, episode = ctrl._labelled_windows(load(dataset), ctrl.config.classifier_windows,
+                                           np.random.default_rng(0), episodes=True)
+    rng = np.random.default_rng(1)
     eps = np.unique(episode)
     rng.shuffle(eps)
     unseen = torch.as_tensor(np.isin(episode, eps[: len(eps) // 10]))
@@ -291,13 +286,13 @@ def stage_classifier(dataset: str) -> None:
                 f"{float(cls.log_temperature.exp()):.2f}"]
 
     rows = []
-    for name, keep in (("as shipped: random windows held out", torch.ones_like(unseen)),
-                       ("whole episodes held out", ~unseen)):
+    for name, held_out in (("as shipped: random windows held out", False), ("whole episodes held out", True)):
+        keep = ~unseen if held_out else torch.ones_like(unseen)
         torch.manual_seed(0)
         cls = LabelClassifier(x.shape[1], x.shape[2], ctrl.n_labels)
         report = fit_classifier(cls, x[keep], y[keep], steps=ctrl.config.classifier_steps)
-        if name.startswith("whole"):
-            cls.calibrate(x[~keep], y[~keep])
+        if held_out:  # calibrated on the unseen episodes, as the recipe calibrates on its held-out windows
+            cls.calibrate(x[unseen], y[unseen])
         rows.append([*stamp(), dataset, name, f"{report['val_acc']:.3f}", *scores(cls)])
         print(" | ".join(rows[-1][3:]))
     append_rows("ctrl classifier", "CTRL's return classifier (the shipped recipe: "

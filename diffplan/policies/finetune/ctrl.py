@@ -490,10 +490,12 @@ class CTRLPlanner(PolicyBase):
         """The returns a window batch is labelled by (``value`` or ``episode_return``), if any."""
         return b.get("value", b.get("episode_return"))
 
-    def _labelled_windows(self, dataset, n: int, rng, fit: bool = False):
-        """``n`` normalized windows (n, H, D) and their labels (n,)."""
+    def _labelled_windows(self, dataset, n: int, rng, fit: bool = False, episodes: bool = False):
+        """``n`` normalized windows (n, H, D) and their labels (n,); with ``episodes``, also the index
+        of the episode each window comes from (n,)."""
         windows = self._windows(dataset)
-        b = windows.sample(min(n, len(windows)), rng)
+        idx = rng.integers(0, len(windows), size=min(n, len(windows)))
+        b = windows.get_batch(idx)
         x = b["observations"]
         if self.config.base.with_actions:
             x = np.concatenate([x, b["actions"]], -1)
@@ -502,7 +504,8 @@ class CTRLPlanner(PolicyBase):
             self.bucket_edges.copy_(torch.as_tensor(np.quantile(self._returns(b).reshape(-1), qs), dtype=torch.float32))
         y = self.labels_of(x, self._returns(b))
         keep = y >= 0
-        return self.normalizer.normalize(torch.as_tensor(x[keep])), torch.as_tensor(y[keep])
+        out = self.normalizer.normalize(torch.as_tensor(x[keep])), torch.as_tensor(y[keep])
+        return (*out, np.asarray(windows.episode_of_window)[idx][keep]) if episodes else out
 
     def labels_of(self, x: np.ndarray, value: np.ndarray | None = None) -> np.ndarray:
         """True labels of raw (unnormalized) windows ``x (N, H, D)`` (and their returns ``value``)."""
