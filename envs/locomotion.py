@@ -66,15 +66,17 @@ PINNED = {
 # level (EXPERT_TARGET). v1 cards exist only where their behaviors do.
 BEHAVIOR_DIRS = {0: "checkpoints/behavior", 1: "checkpoints/behavior-v1"}
 EXPERT_TARGET = {"hopper": 100.0, "halfcheetah": 90.0, "walker2d": 100.0}
+# An expert pin is (version, run folder, snapshot): the folder under that version's BEHAVIOR_DIRS
+# (the family's own run, or another run of the family such as halfcheetah-tqc).
 PINNED_V1 = {
     # 2 gradient steps per 3 env steps: first past 44 at 290k (53.8); v0's expert (109.6)
-    "hopper": {"medium": "step-290000", "expert": (0, "step-180000")},
+    "hopper": {"medium": "step-290000", "expert": (0, "hopper", "step-180000")},
     # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet (a TQC run
     # towards one, resumable from a fresh machine: checkpoints/behavior-v1/halfcheetah-tqc/)
     "halfcheetah": {"medium": "step-150000", "expert": None},
     # 2 gradient steps per 3 env steps, resumed at 300k and 900k: first past 62 at 400k (72.1);
     # expert: the run's best, 102.0 at 1.2M
-    "walker2d": {"medium": "step-400000", "expert": (1, "step-1200000")},
+    "walker2d": {"medium": "step-400000", "expert": (1, "walker2d", "step-1200000")},
 }
 # D4RL's datasets (issue #23; REFERENCES.md): env steps and mean normalized episode return; None
 # where not recorded here. The v1 targets: means within 25%, medium-replay 0.15M-0.5M steps.
@@ -171,6 +173,12 @@ def list_snapshots(family: str, root: Path | None = None) -> list[Snapshot]:
     return sorted(snaps, key=lambda s: s.step)
 
 
+def snapshot_ref(snap: Snapshot) -> str:
+    """Where a snapshot lives, as ``<behavior dir>/<run folder>/<step>``: e.g. ``behavior/hopper/step-180000``
+    or ``behavior-v1/halfcheetah-tqc/step-...`` (a v1 expert may be another version's or another run's)."""
+    return "/".join(snap.path.parts[-3:])
+
+
 def _by_name(snaps: list[Snapshot], name: str) -> Snapshot:
     for s in snaps:
         if s.path.name == name:
@@ -203,8 +211,8 @@ def medium_snapshot(family: str, root: Path | None = None, version: int = 0) -> 
 
 
 def expert_snapshot(family: str, root: Path | None = None, version: int = 0) -> Snapshot:
-    """v0: the best snapshot (pinned when shipped); v1: its pin (which may name a v0 snapshot), else
-    the best one if it reaches EXPERT_TARGET."""
+    """v0: the best snapshot (pinned when shipped); v1: its pin (which may name a v0 snapshot or
+    another run's), else the best one if it reaches EXPERT_TARGET."""
     if version == 0:
         snaps = _snapshots(family, root, 0)
         if root is None and PINNED[family]["expert"]:
@@ -213,7 +221,8 @@ def expert_snapshot(family: str, root: Path | None = None, version: int = 0) -> 
         return max(scored, key=lambda s: (s.score, -s.step))
     pin = PINNED_V1.get(family, {}).get("expert") if root is None else None
     if pin:
-        return _by_name(_snapshots(family, None, pin[0]), pin[1])
+        version, folder, name = pin
+        return _by_name(_snapshots(folder, None, version), name)
     best = max((s for s in _snapshots(family, root, version) if s.score is not None),
                key=lambda s: (s.score, -s.step))
     if best.score < EXPERT_TARGET[family]:
@@ -605,7 +614,7 @@ def task_cards() -> list:
                 else:
                     n = med.step if med else (DATASET_STATS.get(task_name(family, kind, version)) or {}).get("steps", 0)
                 words = _DESCRIPTIONS.get(f"{kind}-v{version}", _DESCRIPTIONS[kind]).format(
-                    med=med.path.name if med else "?", exp=exp.path.name if exp else "?",
+                    med=med.path.name if med else "?", exp=snapshot_ref(exp) if exp else "?",
                     m=med.step if med else "?", target=MEDIUM_TARGET[family])
                 if version:
                     words += f" ({BEHAVIOR_DIRS[version]}/{family}: {_V1_WORDS[family]})"
@@ -626,7 +635,7 @@ def task_cards() -> list:
                     extras={"behavior_family": family, "kind": kind,
                             "random_return_v5": RANDOM_RETURN_V5[family],
                             "medium_snapshot": med.path.name if med else None,
-                            "expert_snapshot": exp.path.name if exp else None,
+                            "expert_snapshot": snapshot_ref(exp) if exp else None,
                             "medium_target_d4rl_score": MEDIUM_TARGET[family],
                             "stats": DATASET_STATS.get(name),
                             "d4rl_stats": {"steps": d4rl_steps, "mean": d4rl_mean}}))

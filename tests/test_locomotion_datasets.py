@@ -13,7 +13,7 @@ from diffplan.envs.behavior import ActorMeta, TanhGaussianActor
 
 
 def _write_snapshots(root, family="hopper", steps_scores=((10_000, 1.0), (20_000, 20.0),
-                                                         (30_000, 45.0), (40_000, 70.0))):
+                                                         (30_000, 45.0), (40_000, 70.0)), folder=None):
     env_id = L.FAMILIES[family]
     import gymnasium as gym
 
@@ -26,7 +26,7 @@ def _write_snapshots(root, family="hopper", steps_scores=((10_000, 1.0), (20_000
                          action_low=[-1.0] * act_dim, action_high=[1.0] * act_dim, env_id=env_id,
                          train_step=step, eval_return_mean=score * 30, d4rl_score=score)
         TanhGaussianActor(obs_dim, act_dim, [16, 16], meta.action_low, meta.action_high,
-                          meta=meta).save(root / family / f"step-{step}")
+                          meta=meta).save(root / (folder or family) / f"step-{step}")
     return root
 
 
@@ -158,6 +158,26 @@ def test_v1_snapshot_choice_and_replay_owners(root):
     b, _ = L.generate("hopper", "medium-replay", steps=1200, num_envs=4, progress=False, root=root, version=1)
     for k in L.KEYS:  # regenerating v1 gives identical arrays
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_v1_expert_pin_names_its_run_folder(tmp_path, monkeypatch):
+    """An expert pin is (version, run folder, snapshot): it may name another run of the family
+    (halfcheetah's TQC run beside its SAC one) or a v0 snapshot, and the card says which."""
+    v0, v1 = tmp_path / "behavior", tmp_path / "behavior-v1"
+    _write_snapshots(v0, "hopper", ((10_000, 50.0), (20_000, 109.0)))
+    _write_snapshots(v1, "hopper", ((10_000, 10.0), (20_000, 50.0)))
+    _write_snapshots(v1, "hopper", ((50_000, 95.0),), folder="hopper-tqc")
+    monkeypatch.setattr(L, "behavior_dir", lambda version=0: v0 if version == 0 else v1)
+    monkeypatch.setitem(L.PINNED_V1, "hopper", {"medium": "step-20000", "expert": (1, "hopper-tqc", "step-50000")})
+    exp = L.expert_snapshot("hopper", version=1)
+    assert (exp.step, exp.score) == (50_000, 95.0)
+    assert L.snapshot_ref(exp) == "behavior-v1/hopper-tqc/step-50000"
+    monkeypatch.setitem(L.PINNED_V1, "hopper", {"medium": "step-20000", "expert": (0, "hopper", "step-20000")})
+    assert L.snapshot_ref(L.expert_snapshot("hopper", version=1)) == "behavior/hopper/step-20000"
+    assert L.medium_snapshot("hopper", version=1).step == 20_000
+    monkeypatch.setitem(L.PINNED_V1, "hopper", {"medium": "step-20000", "expert": (1, "hopper-tqc", "step-90000")})
+    with pytest.raises(FileNotFoundError, match="step-90000"):
+        L.expert_snapshot("hopper", version=1)
 
 
 def test_dataset_stats_count_episodes_and_normalize():
