@@ -71,9 +71,10 @@ EXPERT_TARGET = {"hopper": 100.0, "halfcheetah": 90.0, "walker2d": 100.0}
 PINNED_V1 = {
     # 2 gradient steps per 3 env steps: first past 44 at 290k (53.8); v0's expert (109.6)
     "hopper": {"medium": "step-290000", "expert": (0, "hopper", "step-180000")},
-    # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); no expert at 90 yet (a TQC run
-    # towards one, resumable from a fresh machine: checkpoints/behavior-v1/halfcheetah-tqc/)
-    "halfcheetah": {"medium": "step-150000", "expert": None},
+    # 1 gradient step per 2 env steps: first past 40 at 150k (44.0); expert: a TQC run (rl-zoo
+    # settings, checkpoints/behavior-v1/halfcheetah-tqc/), the first snapshot past 90: 590k (90.7;
+    # 90.7 +- 0.2 over 20 other episodes)
+    "halfcheetah": {"medium": "step-150000", "expert": (1, "halfcheetah-tqc", "step-590000")},
     # 2 gradient steps per 3 env steps, resumed at 300k and 900k: first past 62 at 400k (72.1);
     # expert: the run's best, 102.0 at 1.2M
     "walker2d": {"medium": "step-400000", "expert": (1, "walker2d", "step-1200000")},
@@ -537,6 +538,8 @@ _V1_WORDS = {
     "halfcheetah": "SAC at 1 gradient step per 2 env steps, a snapshot every 10k steps",
     "walker2d": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
 }
+# v1 experts trained another way than their family's run
+_V1_EXPERT_WORDS = {"halfcheetah": "the expert from a TQC run (sb3-contrib, rl-zoo settings, a snapshot every 10k steps)"}
 # What each made dataset holds (dataset_stats of the arrays `diffplan data make` writes; the tests
 # check them against the arrays): env steps, complete episodes, mean / min / max D4RL-normalized
 # episode return. D4RL's beside them: D4RL_DATASETS.
@@ -618,6 +621,8 @@ def task_cards() -> list:
                     m=med.step if med else "?", target=MEDIUM_TARGET[family])
                 if version:
                     words += f" ({BEHAVIOR_DIRS[version]}/{family}: {_V1_WORDS[family]})"
+                    if kind == "medium-expert" and family in _V1_EXPERT_WORDS:
+                        words += f"; {_V1_EXPERT_WORDS[family]}"
                 name = task_name(family, kind, version)
                 d4rl_steps, d4rl_mean = D4RL_DATASETS[family][kind]
                 cards.append(TaskCard(
