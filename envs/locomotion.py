@@ -522,6 +522,8 @@ def behavior_policy(family: str, role: str = "expert", deterministic: bool = Tru
 _DESCRIPTIONS = {
     "medium": "1M steps of the medium SAC snapshot ({med}, the shipped snapshot whose D4RL score is "
               "closest to {target:g}), stochastic actions",
+    "medium-v1": "1M steps of the medium SAC snapshot ({med}, the run's first snapshot whose D4RL score "
+                 "reaches {target:g}), stochastic actions",
     "medium-replay": "SAC's replay buffer up to the medium snapshot ({med}, step {m}): uniform random "
                      "actions for the first 10k steps, then each shipped snapshot for the training "
                      "steps until the next one",
@@ -539,7 +541,7 @@ _V1_WORDS = {
     "walker2d": "SAC at 2 gradient steps per 3 env steps, a snapshot every 10k steps",
 }
 # v1 experts trained another way than their family's run
-_V1_EXPERT_WORDS = {"halfcheetah": "the expert from a TQC run (sb3-contrib, rl-zoo settings, a snapshot every 10k steps)"}
+_V1_EXPERT_WORDS = {"halfcheetah": "the expert from a TQC run (sb3-contrib, rl-zoo settings)"}
 # What each made dataset holds (dataset_stats of the arrays `diffplan data make` writes; the tests
 # check them against the arrays): env steps, complete episodes, mean / min / max D4RL-normalized
 # episode return. D4RL's beside them: D4RL_DATASETS.
@@ -555,6 +557,7 @@ DATASET_STATS: dict[str, dict] = {
     "halfcheetah-medium-expert": {"steps": 2000000, "episodes": 2000, "mean": 53.61, "min": 2.55, "max": 69.7},
     "halfcheetah-medium-v1": {"steps": 1000000, "episodes": 1000, "mean": 41.38, "min": 16.83, "max": 43.18},
     "halfcheetah-medium-replay-v1": {"steps": 150000, "episodes": 150, "mean": 22.71, "min": -1.5, "max": 42.14},
+    "halfcheetah-medium-expert-v1": {"steps": 2000000, "episodes": 2000, "mean": 63.64, "min": 10.05, "max": 90.55},
     "walker2d-medium": {"steps": 1000000, "episodes": 1157, "mean": 60.29, "min": 2.21, "max": 75.44},
     "walker2d-medium-replay": {"steps": 260000, "episodes": 4722, "mean": 1.92, "min": -0.29, "max": 69.51},
     "walker2d-medium-expert": {"steps": 2000000, "episodes": 2405, "mean": 59.82, "min": 1.05, "max": 79.18},
