@@ -222,8 +222,8 @@ def expert_snapshot(family: str, root: Path | None = None, version: int = 0) -> 
         return max(scored, key=lambda s: (s.score, -s.step))
     pin = PINNED_V1.get(family, {}).get("expert") if root is None else None
     if pin:
-        version, folder, name = pin
-        return _by_name(_snapshots(folder, None, version), name)
+        pin_version, folder, name = pin  # the pin's own version: a v1 expert may be a v0 snapshot
+        return _by_name(_snapshots(folder, None, pin_version), name)
     best = max((s for s in _snapshots(family, root, version) if s.score is not None),
                key=lambda s: (s.score, -s.step))
     if best.score < EXPERT_TARGET[family]:

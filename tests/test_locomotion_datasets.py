@@ -162,7 +162,7 @@ def test_v1_snapshot_choice_and_replay_owners(root):
 
 def test_v1_expert_pin_names_its_run_folder(tmp_path, monkeypatch):
     """An expert pin is (version, run folder, snapshot): it may name another run of the family
-    (halfcheetah's TQC run beside its SAC one) or a v0 snapshot, and the card says which."""
+    (halfcheetah's TQC run beside its SAC one) or a v0 snapshot, and snapshot_ref says which."""
     v0, v1 = tmp_path / "behavior", tmp_path / "behavior-v1"
     _write_snapshots(v0, "hopper", ((10_000, 50.0), (20_000, 109.0)))
     _write_snapshots(v1, "hopper", ((10_000, 10.0), (20_000, 50.0)))
