@@ -134,6 +134,36 @@ def test_anchored_config_critic_loads_the_checkpoint_and_refuses_others(trained,
         policy.act(np.zeros(3, np.float32))
 
 
+def test_a_critic_fitted_on_other_data_is_refused_at_training_start_and_at_load(trained, tmp_path, monkeypatch):
+    """Q is in-sample, so a critic trained on another task's data misranks the policy's candidates
+    (a v0 critic on a v1 policy halved its score); training stops before its first step."""
+    import dataclasses
+
+    from test_anchored import tiny
+    from diffplan.config import to_dict
+    from diffplan.policies.anchored import AnchoredDiffusionPolicy
+    from diffplan.policies.training import train_policy
+
+    critic = trained[0]
+    critic.spec = dataclasses.replace(critic.spec, task="bandit-v0")
+    critic.save(tmp_path / "critic")
+    for task in ("bandit-v0", None):  # the same task, or a policy that names none: accepted
+        spec = SpaceSpec(obs_dim=2, act_dim=1, action_low=(-1.0,), action_high=(1.0,), task=task)
+        assert isinstance(AnchoredDiffusionPolicy(tiny(critic=str(tmp_path / "critic")), spec).reranker(), Critic)
+    spec = SpaceSpec(obs_dim=2, act_dim=1, action_low=(-1.0,), action_high=(1.0,), task="bandit-v1")
+    policy = AnchoredDiffusionPolicy(tiny(critic=str(tmp_path / "critic")), spec).eval()
+    with pytest.raises(ConfigError, match="was trained on bandit-v0, the policy on bandit-v1"):
+        policy.act(np.zeros(2, np.float32))
+    cfg = {"kind": "anchored", "policy": to_dict(tiny(critic=str(tmp_path / "critic"), pad=True)),
+           "train": {"steps": 5, "batch_size": 8, "progress": False}}
+    data = dataclasses.replace(bandit_dataset(256), task="bandit-v1")
+    # no env is registered for the bandit: its spec is the arrays' with the data's task name
+    monkeypatch.setattr(SpaceSpec, "from_dataset", classmethod(lambda cls, d: dataclasses.replace(spec, task=d.task)))
+    with pytest.raises(ConfigError, match="was trained on bandit-v0"):
+        train_policy(cfg, tmp_path / "run", dataset=data)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_diffuser_keeps_the_candidate_plan_of_highest_q_of_the_first_action():
     from diffplan.policies.diffuser import DiffuserConfig, DiffuserPlanner
 

@@ -94,6 +94,7 @@ def train_policy(cfg: dict, out_dir, *, steps: int | None = None, device: str | 
     with torch.random.fork_rng(devices=[]):  # network init, like the data order, is a function of train.seed
         torch.manual_seed(tcfg.seed)
         policy = cls.from_dataset(dataset, pcfg)
+    policy.reranker()  # a critic in the config is checked now, not when the trained policy first acts
     run_config = policy.run_config(train=_plain(tcfg), data={"task": dataset.task, "dataset": source})
     if tcfg.data_on_device:
         from diffplan.policies.base import POLICIES
