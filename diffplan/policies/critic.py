@@ -165,9 +165,9 @@ def load_critic(path, device, spec: SpaceSpec | None = None) -> Critic:
     if spec is not None and dims != (spec.obs_dim, spec.act_dim):
         raise ConfigError(f"critic: {path} is for obs_dim, act_dim = {dims}, the policy has "
                           f"{(spec.obs_dim, spec.act_dim)}")
-    # Q is in-sample: it knows the actions of the data it was fitted on, and ranks a policy trained
-    # on other data badly (a v0 critic on halfcheetah-medium-v1's anchored policy: 20.4 against
-    # 41.6 without one; docs/ARCHITECTURE.md), so the two must come from the same task.
+    # Q is in-sample: it knows only the actions of the data it was fitted on, so it must come from
+    # the policy's own task (the v0 critic on halfcheetah-medium-v1's anchored policy: 20.4 against
+    # 41.6 without one; docs/ARCHITECTURE.md).
     theirs, ours = critic.spec.task, spec.task if spec is not None else None
     if theirs and ours and theirs != ours:
         raise ConfigError(f"critic: {path} was trained on {theirs}, the policy on {ours}; train one on "
