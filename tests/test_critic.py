@@ -137,6 +137,7 @@ def test_anchored_config_critic_loads_the_checkpoint_and_refuses_others(trained,
 def test_a_critic_fitted_on_other_data_is_refused_at_training_start_and_at_load(trained, tmp_path, monkeypatch):
     """Q is in-sample, so a critic trained on another task's data misranks the policy's candidates
     (a v0 critic on a v1 policy halved its score); training stops before its first step."""
+    import copy
     import dataclasses
 
     from test_anchored import tiny
@@ -144,7 +145,7 @@ def test_a_critic_fitted_on_other_data_is_refused_at_training_start_and_at_load(
     from diffplan.policies.anchored import AnchoredDiffusionPolicy
     from diffplan.policies.training import train_policy
 
-    critic = trained[0]
+    critic = copy.deepcopy(trained[0])  # the module's fixture stays as it was
     critic.spec = dataclasses.replace(critic.spec, task="bandit-v0")
     critic.save(tmp_path / "critic")
     for task in ("bandit-v0", None):  # the same task, or a policy that names none: accepted

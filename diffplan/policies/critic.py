@@ -171,5 +171,6 @@ def load_critic(path, device, spec: SpaceSpec | None = None) -> Critic:
     theirs, ours = critic.spec.task, spec.task if spec is not None else None
     if theirs and ours and theirs != ours:
         raise ConfigError(f"critic: {path} was trained on {theirs}, the policy on {ours}; train one on "
-                          f"{ours} (a kind: critic config with task={ours}) and give it as policy.critic, or set policy.critic=null")
+                          f"{ours} (a kind: critic config with task={ours}) and give it as policy.critic, "
+                          "or set policy.critic=null")
     return critic
