@@ -12,6 +12,14 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
+def hist_range(values, min_width: float) -> tuple[float, float]:
+    """Histogram limits that cover ``values`` and are at least ``min_width`` wide, centred on them:
+    near-equal returns get an axis in readable steps rather than one spanning 0.03 points."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    pad = max(0.0, min_width - (hi - lo)) / 2
+    return lo - pad, hi + pad
+
+
 def _maze_axes(report, ax) -> bool:
     """Draw the task's maze on ``ax``; False when the task has no maze."""
     try:
@@ -65,7 +73,8 @@ def plot_report(report, path) -> Path:
         r = np.asarray(report.returns)
         lo, hi = report.ref_min_score, report.ref_max_score
         norm = 100 * (r - lo) / (hi - lo) if lo is not None and hi is not None else r
-        ax.hist(norm, bins=min(20, max(5, len(r) // 3)), color="tab:blue")
+        min_width = 10.0 if lo is not None else max(1.0, 0.05 * abs(float(norm.mean())))
+        ax.hist(norm, bins=min(20, max(5, len(r) // 3)), range=hist_range(norm, min_width), color="tab:blue")
         ax.axvline(norm.mean(), color="k", ls="--", label=f"mean {norm.mean():.1f}")
         ax.set_xlabel("normalized return" if lo is not None else "return")
         ax.set_ylabel("episodes")
