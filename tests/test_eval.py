@@ -46,6 +46,7 @@ def test_the_return_histogram_is_at_least_min_width_wide_and_covers_every_return
     assert hi - lo == pytest.approx(10.0) and (lo + hi) / 2 == pytest.approx(109.215)
     assert hist_range(np.array([3.0, 50.0, 20.0]), 10.0) == (3.0, 50.0)  # wide enough already
 
+
 def test_write_metrics_replaces_atomically_and_keeps_a_larger_evaluation_of_the_same_weights(
         expert_report, tmp_path):
     path = tmp_path / "metrics.json"
