@@ -10,7 +10,6 @@ from diffplan.config import ConfigError
 from diffplan.envs import get_task
 from diffplan.policies import DiffuserConfig, DiffuserPlanner, ObservationError
 from diffplan.policies.training import check_config, read_config, train_policy
-from diffplan.runtime import PlannerConfig
 from diffplan.train import CheckpointError
 
 TASK = "pointmaze-umaze"
